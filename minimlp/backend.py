@@ -1,0 +1,102 @@
+"""One place that decides where arrays live: NumPy on the CPU, CuPy on an NVIDIA GPU.
+
+Every other module writes its array code once against `xp`, the array module of the data
+it is handed (`get_xp(array)`) or of the device it was built for (`Backend.xp`).
+"""
+import os
+
+import numpy as np
+import scipy.special
+
+CUPY_HINT = "--device gpu needs CuPy: pip install cupy-cuda12x (or cupy-cuda13x for CUDA 13)"
+
+
+class DeviceError(RuntimeError):
+    """A device was asked for that this machine cannot provide."""
+
+
+def _import_cupy():
+    """Return the cupy module, or None when it is not installed or no GPU answers."""
+    try:
+        import cupy
+    except ImportError:
+        return None
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None
+    except Exception:  # CuPy installed but no driver or no GPU: treat as "no GPU"
+        return None
+    return cupy
+
+
+def gpu_available():
+    return _import_cupy() is not None
+
+
+def resolve_device(device):
+    """'auto' -> 'gpu' when CuPy and a GPU are present, else 'cpu'. 'gpu' without one is an error."""
+    if device not in ("auto", "cpu", "gpu"):
+        raise DeviceError(f"unknown device {device!r}: choose auto, cpu or gpu")
+    if device == "auto":
+        return "gpu" if gpu_available() else "cpu"
+    if device == "gpu" and not gpu_available():
+        try:
+            import cupy  # noqa: F401
+        except ImportError:
+            raise DeviceError(CUPY_HINT) from None
+        raise DeviceError("--device gpu: CuPy is installed but no CUDA GPU answered "
+                          "(check nvidia-smi and that the cupy-cudaXXx package matches the driver)")
+    return device
+
+
+def set_tf32(enabled):
+    """TF32 tensor cores for float32 matmuls on the GPU. CuPy reads CUPY_TF32 at its first matmul,
+    so this must run before any GPU work; it has no effect on the CPU."""
+    os.environ["CUPY_TF32"] = "1" if enabled else "0"
+
+
+def get_module(device):
+    """The array module for 'cpu' or 'gpu' (after resolve_device)."""
+    if device == "cpu":
+        return np
+    cupy = _import_cupy()
+    if cupy is None:
+        raise DeviceError(CUPY_HINT)
+    return cupy
+
+
+def get_xp(array):
+    """numpy or cupy, whichever owns `array`."""
+    if isinstance(array, np.ndarray) or np.isscalar(array):
+        return np
+    return get_module("gpu")
+
+
+def device_of(array):
+    return "cpu" if get_xp(array) is np else "gpu"
+
+
+def to_numpy(array):
+    """A host (NumPy) copy-or-view of any array."""
+    if isinstance(array, np.ndarray):
+        return array
+    if hasattr(array, "get"):
+        return array.get()
+    return np.asarray(array)
+
+
+def to_device(array, device, dtype=None):
+    """Move `array` to 'cpu' or 'gpu', optionally casting; no copy when it is already there."""
+    xp = get_module(device)
+    out = xp.asarray(array)
+    if dtype is not None and out.dtype != np.dtype(dtype):
+        out = out.astype(dtype)
+    return out
+
+
+def erf(x):
+    """The error function, elementwise, on either backend (NumPy has none of its own)."""
+    if get_xp(x) is np:
+        return scipy.special.erf(x)
+    import cupyx.scipy.special
+    return cupyx.scipy.special.erf(x)
