@@ -1,0 +1,175 @@
+"""The layers of ResMLP, each a forward/backward pair that reads like the math.
+
+    out, cache = layer_forward(inputs..., params...)
+    d_inputs..., d_params... = layer_backward(d_out, cache)
+
+`cache` holds exactly what backward needs. Backward functions return fresh gradient arrays;
+the model decides where they go. Every function works on NumPy and CuPy arrays alike: the array
+module is taken from the data (`get_xp`).
+
+Layout. Inside the model, activations are `tokens` of shape (N, B, d): patch, image, channel.
+That makes both kinds of mixing a single large 2-D matrix product on a free reshape, with no
+transpose copies:
+  - channel mixing (Linear over d) sees (N*B, d),
+  - token mixing (Linear over the N patches, the same for every image and channel) sees (N, B*d).
+"""
+import math
+
+from .backend import erf, get_xp
+
+
+# ---------------------------------------------------------------------------------------------
+# Affine: the only "normalization" ResMLP has (no statistics, just a learned scale and shift).
+# ---------------------------------------------------------------------------------------------
+def affine_forward(x, alpha, beta):
+    # y = alpha * x + beta    (..., d) -> (..., d)
+    return alpha * x + beta, (x, alpha)
+
+
+def affine_backward(dy, cache):
+    # dx = alpha * dy;  dalpha = sum(dy * x);  dbeta = sum(dy)    (sums over all but the last axis)
+    x, alpha = cache
+    axes = tuple(range(dy.ndim - 1))
+    return alpha * dy, (dy * x).sum(axis=axes), dy.sum(axis=axes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear over the last axis (channel mixing, patch embedding, classifier head).
+# ---------------------------------------------------------------------------------------------
+def linear_forward(x, weight, bias):
+    # y = x @ W^T + b    (M, d_in) -> (M, d_out);  W: (d_out, d_in)
+    y = x @ weight.T
+    y += bias
+    return y, (x, weight)
+
+
+def linear_backward(dy, cache):
+    # dx = dy @ W;  dW = dy^T @ x;  db = sum_rows(dy)
+    x, weight = cache
+    return dy @ weight, dy.T @ x, dy.sum(axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token mixing: the cross-patch "transpose-linear" that replaces attention. One N x N matrix A
+# mixes the patches; it is shared by every image and every channel.
+# ---------------------------------------------------------------------------------------------
+def token_mixing_forward(tokens, weight, bias):
+    # y[n, b, c] = sum_m A[n, m] * x[m, b, c] + bias[n]    (N, B, d) -> (N, B, d), as (N,N) @ (N, B*d)
+    patches, images, channels = tokens.shape
+    mixed = weight @ tokens.reshape(patches, images * channels)
+    mixed += bias[:, None]
+    return mixed.reshape(tokens.shape), (tokens, weight)
+
+
+def token_mixing_backward(dy, cache):
+    # dx = A^T @ dy;  dA = dy @ x^T;  dbias = sum over images and channels of dy    (all on (N, B*d))
+    tokens, weight = cache
+    patches = tokens.shape[0]
+    dy_2d = dy.reshape(patches, -1)
+    dx = (weight.T @ dy_2d).reshape(tokens.shape)
+    return dx, dy_2d @ tokens.reshape(patches, -1).T, dy_2d.sum(axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU, the exact erf form of torch.nn.GELU() (not the tanh approximation).
+# ---------------------------------------------------------------------------------------------
+SQRT_HALF = math.sqrt(0.5)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def gelu_forward(x):
+    # y = x * Phi(x),  Phi(x) = (1 + erf(x / sqrt 2)) / 2  the standard normal CDF
+    return 0.5 * x * (1.0 + erf(x * SQRT_HALF)), x
+
+
+def gelu_backward(dy, x):
+    # dy/dx = Phi(x) + x * phi(x),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)  the standard normal density
+    xp = get_xp(x)
+    cdf = 0.5 * (1.0 + erf(x * SQRT_HALF))
+    pdf = INV_SQRT_2PI * xp.exp(-0.5 * x * x)
+    return dy * (cdf + x * pdf)
+
+
+# ---------------------------------------------------------------------------------------------
+# Patch embedding: a convolution with kernel = stride = p is a matmul on non-overlapping patches.
+# ---------------------------------------------------------------------------------------------
+def images_to_patches(images, patch_size):
+    # (B, C, H, W) -> (N, B, C*p*p) with N = (H/p)*(W/p), each patch flattened in (c, row, col) order
+    batch, colors, height, width = images.shape
+    rows, cols = height // patch_size, width // patch_size
+    grid = images.reshape(batch, colors, rows, patch_size, cols, patch_size)
+    return grid.transpose(2, 4, 0, 1, 3, 5).reshape(rows * cols, batch, colors * patch_size * patch_size)
+
+
+def patches_to_images(patches, image_shape, patch_size):
+    # (N, B, C*p*p) -> (B, C, H, W): the exact inverse of images_to_patches (used by backward)
+    batch, colors, height, width = image_shape
+    rows, cols = height // patch_size, width // patch_size
+    grid = patches.reshape(rows, cols, batch, colors, patch_size, patch_size)
+    return grid.transpose(2, 3, 0, 4, 1, 5).reshape(image_shape)
+
+
+def patch_embed_forward(images, weight, bias):
+    # (B, C, H, W) -> tokens (N, B, d);  weight (d, C, p, p) used as a (d, C*p*p) matrix
+    dim, patch_size = weight.shape[0], weight.shape[-1]
+    patches = images_to_patches(images, patch_size)
+    tokens, linear_cache = linear_forward(patches.reshape(-1, patches.shape[-1]), weight.reshape(dim, -1), bias)
+    return tokens.reshape(patches.shape[0], patches.shape[1], dim), (linear_cache, images.shape, weight.shape)
+
+
+def patch_embed_backward(dtokens, cache, need_dimages=True):
+    # the Linear's backward on flattened patches; dimages folds the patch gradients back into images
+    linear_cache, image_shape, weight_shape = cache
+    patches, weight = linear_cache
+    dtokens_2d = dtokens.reshape(-1, dtokens.shape[-1])
+    dweight = (dtokens_2d.T @ patches).reshape(weight_shape)
+    dbias = dtokens_2d.sum(axis=0)
+    if not need_dimages:  # the input images need no gradient in training: skip a whole matmul
+        return None, dweight, dbias
+    dpatches = (dtokens_2d @ weight).reshape(dtokens.shape[0], dtokens.shape[1], -1)
+    return patches_to_images(dpatches, image_shape, weight_shape[-1]), dweight, dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerScale and stochastic depth: both scale a residual branch before it is added.
+# ---------------------------------------------------------------------------------------------
+def layer_scale_forward(x, gamma):
+    # y = gamma * x    (N, B, d), gamma (d,)
+    return gamma * x, (x, gamma)
+
+
+def layer_scale_backward(dy, cache):
+    # dx = gamma * dy;  dgamma = sum over patches and images of dy * x
+    x, gamma = cache
+    return gamma * dy, (dy * x).sum(axis=(0, 1))
+
+
+def drop_path_mask(rng, images, drop_rate, xp, dtype):
+    """Per-image keep mask for stochastic depth: 1/keep with probability keep, else 0. Shape (B,).
+    Drawn from a NumPy Generator on the host (B numbers) so CPU and GPU runs draw the same masks."""
+    keep = 1.0 - drop_rate
+    return xp.asarray((rng.random(images) < keep) / keep, dtype=dtype)
+
+
+def drop_path_forward(x, mask):
+    # y[n, b, c] = x[n, b, c] * mask[b]    mask in {0, 1/keep}: a dropped image skips the branch
+    return x * mask[None, :, None], mask
+
+
+def drop_path_backward(dy, mask):
+    # dx = dy * mask
+    return dy * mask[None, :, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Mean over patches (global average pooling).
+# ---------------------------------------------------------------------------------------------
+def mean_pool_forward(tokens):
+    # y[b, c] = mean over n of x[n, b, c]    (N, B, d) -> (B, d)
+    return tokens.mean(axis=0), tokens.shape
+
+
+def mean_pool_backward(dy, tokens_shape):
+    # dx[n, b, c] = dy[b, c] / N   (a broadcast view: no copy)
+    xp = get_xp(dy)
+    return xp.broadcast_to(dy / tokens_shape[0], tokens_shape)

@@ -1,0 +1,37 @@
+"""Softmax cross-entropy with label smoothing and soft targets, returning the loss and its gradient."""
+from .backend import get_xp
+
+
+def smoothed_targets(targets, num_classes, smoothing, dtype):
+    """Target distribution q (B, C). `targets` are class indices (B,) or probabilities (B, C)
+    (soft targets, e.g. from Mixup/CutMix). Label smoothing mixes in the uniform distribution:
+    q = (1 - s) * targets + s / C  (timm's LabelSmoothingCrossEntropy for index targets)."""
+    xp = get_xp(targets)
+    if targets.ndim == 1:
+        one_hot = xp.zeros((targets.shape[0], num_classes), dtype=dtype)
+        one_hot[xp.arange(targets.shape[0]), targets] = 1
+        targets = one_hot
+    return (1.0 - smoothing) * targets.astype(dtype, copy=False) + smoothing / num_classes
+
+
+def log_softmax(logits):
+    # log p = z - max(z) - log(sum exp(z - max(z)))   stable for any size of logits: exp never overflows
+    xp = get_xp(logits)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def cross_entropy(logits, targets, smoothing=0.0):
+    """Mean over the batch of -sum_c q_c log softmax(z)_c.
+
+    logits (B, C); targets: indices (B,) or probabilities (B, C); returns (loss, a 0-d array on the
+    logits' device: float() it when needed, so a GPU step need not wait for it; dlogits (B, C)).
+    dL/dz = (softmax(z) - q) / B
+    """
+    xp = get_xp(logits)
+    batch, num_classes = logits.shape
+    target_probs = smoothed_targets(xp.asarray(targets), num_classes, smoothing, logits.dtype)
+    log_probs = log_softmax(logits)
+    loss = -(target_probs * log_probs).sum() / batch
+    dlogits = (xp.exp(log_probs) - target_probs) / batch
+    return loss, dlogits
