@@ -79,15 +79,22 @@ INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 def gelu_forward(x):
     # y = x * Phi(x),  Phi(x) = (1 + erf(x / sqrt 2)) / 2  the standard normal CDF
-    return 0.5 * x * (1.0 + erf(x * SQRT_HALF)), x
+    # Phi is cached: backward then needs no second erf, the costliest elementwise function here
+    cdf = erf(x * SQRT_HALF)
+    cdf += 1.0
+    cdf *= 0.5
+    return x * cdf, (x, cdf)
 
 
-def gelu_backward(dy, x):
+def gelu_backward(dy, cache):
     # dy/dx = Phi(x) + x * phi(x),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)  the standard normal density
+    x, cdf = cache
     xp = get_xp(x)
-    cdf = 0.5 * (1.0 + erf(x * SQRT_HALF))
-    pdf = INV_SQRT_2PI * xp.exp(-0.5 * x * x)
-    return dy * (cdf + x * pdf)
+    slope = xp.exp(-0.5 * x * x)
+    slope *= INV_SQRT_2PI * x
+    slope += cdf
+    slope *= dy
+    return slope
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,42 @@
+"""Device selection and the backend's array helpers."""
+import numpy as np
+import pytest
+import scipy.special
+
+from minimlp import backend
+
+
+def test_unknown_device_is_a_clear_error():
+    with pytest.raises(backend.DeviceError, match="unknown device 'tpu': choose auto, cpu or gpu"):
+        backend.resolve_device("tpu")
+
+
+def test_auto_and_cpu():
+    assert backend.resolve_device("cpu") == "cpu"
+    assert backend.resolve_device("auto") == ("gpu" if backend.gpu_available() else "cpu")
+
+
+@pytest.mark.skipif(backend.gpu_available(), reason="this machine has a GPU: the missing-GPU error cannot occur")
+def test_gpu_without_one_says_what_to_do():
+    with pytest.raises(backend.DeviceError, match="--device gpu"):
+        backend.resolve_device("gpu")
+
+
+def test_threaded_erf_equals_scipy_bit_for_bit():
+    x = np.random.default_rng(0).normal(scale=2, size=(300, 1001)).astype(np.float32)  # large: split in threads
+    np.testing.assert_array_equal(backend.erf(x), scipy.special.erf(x))
+    small = x[:3, :5].copy()
+    np.testing.assert_array_equal(backend.erf(small), scipy.special.erf(small))
+
+
+def test_erf_on_the_device(xp):
+    x = xp.linspace(-5, 5, 2001)
+    np.testing.assert_allclose(backend.to_numpy(backend.erf(x)), scipy.special.erf(np.linspace(-5, 5, 2001)),
+                               rtol=1e-14, atol=1e-15)
+
+
+def test_moving_arrays(xp, device):
+    host = np.arange(6, dtype=np.float64).reshape(2, 3)
+    moved = backend.to_device(host, device, "float32")
+    assert backend.get_xp(moved) is xp and moved.dtype == np.float32 and backend.device_of(moved) == device
+    np.testing.assert_array_equal(backend.to_numpy(moved), host.astype(np.float32))
