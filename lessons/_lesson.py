@@ -1,0 +1,62 @@
+"""What every lesson shares: the path to the library, the output folder, headings, source listings
+and the final check. Not a lesson itself (its name starts with an underscore).
+
+A lesson is run as `python lessons/NN_name.py` from the repository root; Python then puts lessons/
+(not the root) on the import path, so this module adds the root, and `import minimlp` works.
+"""
+import inspect
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")  # write PNG files, never open a window
+
+
+class LessonCheckFailed(AssertionError):
+    """What a lesson taught did not hold on this run."""
+
+
+def output_dir():
+    """Where pictures go: $MINIMLP_LESSON_OUT, or lessons/out/ (git-ignored). Created if needed."""
+    folder = Path(os.environ.get("MINIMLP_LESSON_OUT") or REPO_ROOT / "lessons" / "out")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def heading(title):
+    print(f"\n=== {title} " + "=" * max(0, 72 - len(title)))
+
+
+def show_source(function, max_lines=40):
+    """Print the library's own code for `function`, with the file and line it comes from."""
+    lines, start = inspect.getsourcelines(function)
+    path = Path(inspect.getsourcefile(function)).resolve().relative_to(REPO_ROOT)
+    print(f"--- {path}:{start}")
+    shown = lines[:max_lines]
+    print(textwrap.indent("".join(shown).rstrip("\n"), "    "))
+    if len(lines) > max_lines:
+        print(f"    ... ({len(lines) - max_lines} more lines)")
+
+
+def check(condition, message):
+    """Raise LessonCheckFailed(message) unless condition holds; print a tick otherwise."""
+    if not condition:
+        raise LessonCheckFailed(message)
+    print(f"  ok: {message}")
+
+
+def save_figure(figure, name):
+    """Write a matplotlib figure as output_dir()/name, close it, print where it is; returns the path."""
+    import matplotlib.pyplot as plt
+    path = output_dir() / name
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    print(f"  picture written: {path}")
+    return path
