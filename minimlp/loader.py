@@ -1,0 +1,184 @@
+"""Batches of uint8 images, decoded in parallel worker processes, exactly reproducible.
+
+    with Loader(train_set, batch_size=256, train=True, img_size=224, seed=0) as loader:
+        for images, labels in loader.epoch(epoch):      # images uint8 (B, 3, H, W), labels int64 (B,)
+            ...
+
+Reproducibility: the order of an epoch is `np.random.default_rng([seed, epoch]).permutation(n)`
+(train) or the dataset order (eval), and the augmentation of the sample at position p of the epoch
+uses its own generator `np.random.default_rng([seed, epoch, p])`. A batch therefore depends only on
+(seed, epoch, batch index): the same whatever the number of workers, and `epoch(e, start_batch=k)`
+yields exactly the batches k, k+1, ... of an uninterrupted epoch (resuming from a checkpoint).
+Training drops the last incomplete batch; evaluation keeps it and does not shuffle.
+
+Parallelism: `workers` processes from the 'spawn' context (the parent may have CUDA initialised, so
+it is never forked; a script that uses a Loader with workers needs the `if __name__ == "__main__":`
+guard). Each worker decodes a whole batch; up to `prefetch` batches are in flight so that the
+consumer does not wait while cores are spare. `workers=0` loads in the calling process. Workers ignore
+Ctrl-C; the parent stops them: on close(), on leaving the `with` block, and when an epoch is
+abandoned early (break, exception, Ctrl-C) — then the pool is terminated, not drained.
+
+Unreadable files (corrupt, truncated, not an image, deleted since the scan): the file is skipped,
+its path is printed once as a warning line on stderr and appended to `loader.skipped`, and its batch
+comes out one image shorter (so batch sizes can vary). If every file of a batch fails, DataError
+names them: that is a broken dataset (or a wrong path), not a bad file.
+"""
+import collections
+import multiprocessing
+import os
+import signal
+import sys
+
+import numpy as np
+from PIL import Image
+
+from .datasets import DataError
+from .transforms import eval_transform, train_transform
+
+# Errors that mean "this file cannot be decoded". PIL raises SyntaxError for some broken headers.
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class Loader:
+    """Batches of a dataset (anything with .samples = [(path, label)]) for one epoch at a time.
+
+    img_size: output side. crop_pct: eval resize ratio. scale: RandomResizedCrop area range (train).
+    workers: processes (0 = in this process). prefetch: batches in flight (default 2 per worker).
+    """
+
+    def __init__(self, dataset, batch_size, train, img_size, crop_pct=0.875, seed=0,
+                 workers=None, prefetch=None, scale=(0.08, 1.0)):
+        self.samples = list(dataset.samples)
+        self.where = getattr(dataset, "root", "the dataset")
+        if batch_size < 1:
+            raise DataError(f"--batch-size must be at least 1, got {batch_size}")
+        if train and batch_size > len(self.samples):
+            raise DataError(f"--batch-size {batch_size} is larger than the training set "
+                            f"({len(self.samples)} images in {self.where}); lower --batch-size.")
+        self.batch_size = batch_size
+        self.train = train
+        self.settings = TransformSettings(train, img_size, crop_pct, scale, seed)
+        self.seed = seed
+        self.workers = os.cpu_count() if workers is None else workers
+        self.prefetch = max(1, 2 * self.workers if prefetch is None else prefetch)
+        self.skipped = []
+        self.pool = None
+
+    def __len__(self):
+        """Batches per epoch."""
+        if self.train:
+            return len(self.samples) // self.batch_size
+        return -(-len(self.samples) // self.batch_size)
+
+    def epoch_order(self, epoch):
+        """Sample indices in the order of `epoch`: shuffled by [seed, epoch] (train) or 0..n-1 (eval)."""
+        if self.train:
+            return np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
+        return np.arange(len(self.samples))
+
+    def batch_tasks(self, epoch, start_batch):
+        """BatchTask for each batch from start_batch to the end of the epoch."""
+        order = self.epoch_order(epoch)
+        for batch_index in range(start_batch, len(self)):
+            positions = range(batch_index * self.batch_size,
+                              min((batch_index + 1) * self.batch_size, len(order)))
+            samples = [self.samples[order[position]] for position in positions]
+            yield BatchTask(samples, epoch, positions.start, self.settings)
+
+    def epoch(self, epoch, start_batch=0):
+        """Yield (images uint8 (B, 3, H, W), labels int64 (B,)) for batches start_batch.. of `epoch`."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch {start_batch} is outside 0..{len(self)} (batches per epoch)")
+        tasks = self.batch_tasks(epoch, start_batch)
+        results = map(load_batch, tasks) if self.workers == 0 else self.parallel_results(tasks)
+        for images, labels, failures in results:
+            self.report(failures)
+            yield images, labels
+
+    def parallel_results(self, tasks):
+        """load_batch(task) for each task, in order, computed by the pool with `prefetch` in flight."""
+        pool = self.start_pool()
+        in_flight = collections.deque()
+        finished = False
+        try:
+            for task in tasks:
+                in_flight.append(pool.apply_async(load_batch, (task,)))
+                if len(in_flight) >= self.prefetch:
+                    yield in_flight.popleft().get()
+            while in_flight:
+                yield in_flight.popleft().get()
+            finished = True
+        finally:
+            if not finished:  # abandoned early: drop the queued batches with the workers
+                self.close()
+
+    def start_pool(self):
+        if self.pool is None:
+            context = multiprocessing.get_context("spawn")
+            self.pool = context.Pool(self.workers, initializer=ignore_ctrl_c)
+        return self.pool
+
+    def report(self, failures):
+        """Warn once per unreadable file and remember it in self.skipped."""
+        for path, reason in failures:
+            if path not in self.skipped:
+                self.skipped.append(path)
+                print(f"warning: skipping unreadable image {path} ({reason})", file=sys.stderr)
+
+    def close(self):
+        """Stop the worker processes (a later epoch starts new ones)."""
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class TransformSettings:
+    """What a worker needs to turn a path into an image; small, so it travels with every task."""
+
+    def __init__(self, train, img_size, crop_pct, scale, seed):
+        self.train, self.img_size, self.crop_pct, self.scale, self.seed = train, img_size, crop_pct, scale, seed
+
+    def transform(self, path, epoch, position):
+        """uint8 (3, img_size, img_size) for the sample at `position` of `epoch`."""
+        if self.train:
+            rng = np.random.default_rng([self.seed, epoch, position])
+            return train_transform(path, self.img_size, rng, self.scale)
+        return eval_transform(path, self.img_size, self.crop_pct)
+
+
+class BatchTask:
+    """One batch to load: its samples [(path, label)], which start at `first_position` of `epoch`."""
+
+    def __init__(self, samples, epoch, first_position, settings):
+        self.samples, self.epoch, self.first_position, self.settings = samples, epoch, first_position, settings
+
+
+def load_batch(task):
+    """BatchTask -> (images uint8 (B, 3, H, W), labels int64 (B,), failures [(path, reason)]).
+
+    Runs in a worker process (or in the caller when workers=0). Unreadable files are left out.
+    """
+    images, labels, failures = [], [], []
+    for offset, (path, label) in enumerate(task.samples):
+        try:
+            images.append(task.settings.transform(path, task.epoch, task.first_position + offset))
+            labels.append(label)
+        except UNREADABLE_IMAGE_ERRORS as error:
+            failures.append((path, f"{type(error).__name__}: {error}"))
+    if not images:
+        raise DataError("every image of a batch failed to load: " +
+                        "; ".join(f"{path} ({reason})" for path, reason in failures) +
+                        ". Check that these files are images (and that the --data path is right).")
+    return np.stack(images), np.asarray(labels, dtype=np.int64), failures
+
+
+def ignore_ctrl_c():
+    """Worker initializer: Ctrl-C goes to the parent, which stops the workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

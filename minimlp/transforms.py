@@ -1,0 +1,162 @@
+"""Image file -> uint8 array (3, H, W), and uint8 batch -> normalized float batch on the device.
+
+Decoding goes through Pillow, from any mode (RGB, L, CMYK, P, RGBA, LA, I;16, ...) to RGB. Large
+JPEGs are decoded at a reduced size (Pillow's draft mode: libjpeg scales by 1/2, 1/4 or 1/8 while
+decoding, much cheaper than a full decode) whenever the region we need stays at least the output
+size; the crop box is always chosen on the original size first, so draft mode changes speed, not
+which part of the image is seen.
+
+Both transforms resize a box of the source straight to the output (`Image.resize(..., box=...)`),
+which equals crop-then-resize without the extra copy.
+
+    train_transform: RandomResizedCrop (torchvision's algorithm) + horizontal flip, bilinear.
+    eval_transform:  resize the shorter side to int(img_size / crop_pct), bicubic; center crop img_size.
+
+All randomness comes from the numpy Generator passed in, so a sample's augmentation is reproducible.
+"""
+import math
+
+import numpy as np
+from PIL import Image
+
+from .backend import get_xp
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+# ---------------------------------------------------------------- decoding
+
+def to_rgb(image):
+    """A decoded PIL image of any mode -> RGB. 16-bit images keep their top 8 bits."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in SIXTEEN_BIT_MODES:
+        gray = np.clip(np.asarray(image), 0, 65535) >> 8
+        return Image.fromarray(gray.astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # as Pillow asks, avoids its warning about palette transparency
+    return image.convert("RGB")
+
+
+def load_rgb(path):
+    """The whole image at `path` as uint8 (3, H, W), no resizing."""
+    with Image.open(path) as image:
+        return to_chw(to_rgb(image))
+
+
+def to_chw(image):
+    """RGB PIL image -> uint8 array (3, H, W)."""
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def decode_region(image, box, out_size, resample):
+    """Decode the region `box` = (left, top, right, bottom) of an opened, not yet loaded image,
+    resized to out_size = (width, height), as an RGB PIL image.
+
+    For a JPEG, ask draft mode for the smallest scale at which the box still covers out_size
+    pixels, then map the box into the reduced image.
+    """
+    left, top, right, bottom = box
+    needed_scale = max(out_size[0] / (right - left), out_size[1] / (bottom - top))
+    if needed_scale < 1:
+        requested = (math.ceil(image.width * needed_scale), math.ceil(image.height * needed_scale))
+        original_width = image.width
+        drafted = image.draft("RGB", requested)  # None for formats without draft mode
+        if drafted is not None:
+            shrink = drafted[1][2] / original_width  # 1, 1/2, 1/4 or 1/8
+            box = tuple(coordinate * shrink for coordinate in box)
+    return to_rgb(image).resize(out_size, resample, box=box)
+
+
+# ---------------------------------------------------------------- training transform
+
+def random_resized_crop_box(width, height, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop box on a width x height image -> (left, top, crop_w, crop_h).
+
+    Up to 10 tries of area ~ U(scale) * image area and log aspect ratio ~ U(log ratio); if none fits,
+    the largest centered crop whose aspect ratio is clamped into `ratio`.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        crop_w = int(round(math.sqrt(target_area * aspect)))
+        crop_h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            top = int(rng.integers(0, height - crop_h + 1))
+            left = int(rng.integers(0, width - crop_w + 1))
+            return left, top, crop_w, crop_h
+    image_ratio = width / height
+    if image_ratio < min(ratio):
+        crop_w, crop_h = width, int(round(width / min(ratio)))
+    elif image_ratio > max(ratio):
+        crop_w, crop_h = int(round(height * max(ratio))), height
+    else:
+        crop_w, crop_h = width, height
+    return (width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h
+
+
+def train_transform(path, img_size, rng, scale=(0.08, 1.0)):
+    """RandomResizedCrop(img_size, scale) + horizontal flip (p = 0.5) -> uint8 (3, img_size, img_size).
+
+    rng (numpy Generator) is drawn from in this order: crop box, then flip.
+    """
+    with Image.open(path) as image:
+        left, top, crop_w, crop_h = random_resized_crop_box(image.width, image.height, rng, scale)
+        box = (left, top, left + crop_w, top + crop_h)
+        crop = decode_region(image, box, (img_size, img_size), Image.Resampling.BILINEAR)
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_chw(crop)
+
+
+# ---------------------------------------------------------------- evaluation transform
+
+def eval_resize_size(width, height, img_size, crop_pct=0.875):
+    """Size (w, h) after resizing the shorter side to int(img_size / crop_pct), aspect kept
+    (the longer side is truncated, as torchvision's Resize does)."""
+    short = int(img_size / crop_pct)
+    if width <= height:
+        return short, int(short * height / width)
+    return int(short * width / height), short
+
+
+def center_crop_offset(resized_size, img_size):
+    """(left, top) of the img_size x img_size center crop of an image of resized_size = (w, h)."""
+    return (int(round((resized_size[0] - img_size) / 2)), int(round((resized_size[1] - img_size) / 2)))
+
+
+def eval_crop_box(width, height, img_size, crop_pct=0.875):
+    """The center crop of the resized image, mapped back to the original: (left, top, right, bottom)."""
+    resized_w, resized_h = eval_resize_size(width, height, img_size, crop_pct)
+    left, top = center_crop_offset((resized_w, resized_h), img_size)
+    scale_x, scale_y = resized_w / width, resized_h / height
+    return (left / scale_x, top / scale_y, (left + img_size) / scale_x, (top + img_size) / scale_y)
+
+
+def eval_transform(path, img_size, crop_pct=0.875):
+    """Resize shorter side to int(img_size / crop_pct) (bicubic), center crop img_size -> uint8 (3, img_size, img_size)."""
+    with Image.open(path) as image:
+        box = eval_crop_box(image.width, image.height, img_size, crop_pct)
+        return to_chw(decode_region(image, box, (img_size, img_size), Image.Resampling.BICUBIC))
+
+
+# ---------------------------------------------------------------- on the device
+
+def normalize(batch, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype="float32"):
+    """uint8 (B, 3, H, W) numpy or cupy -> (batch / 255 - mean) / std in `dtype`, same device.
+
+    Batches travel to the device as uint8 (4x fewer bytes than float32) and are normalized there.
+    Written as one multiply-add: x * (1 / (255 std)) + (-mean / std).
+    """
+    if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1] != 3:
+        raise ValueError(f"normalize expects a uint8 batch of shape (B, 3, H, W), got {batch.dtype} {batch.shape}")
+    xp = get_xp(batch)
+    mean = np.asarray(mean, dtype=np.float64)
+    std = np.asarray(std, dtype=np.float64)
+    multiplier = xp.asarray(1 / (255 * std), dtype=dtype).reshape(1, 3, 1, 1)
+    offset = xp.asarray(-mean / std, dtype=dtype).reshape(1, 3, 1, 1)
+    return batch.astype(dtype) * multiplier + offset
