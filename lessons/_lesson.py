@@ -56,7 +56,7 @@ def save_figure(figure, name):
     """Write a matplotlib figure as output_dir()/name, close it, print where it is; returns the path."""
     import matplotlib.pyplot as plt
     path = output_dir() / name
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     print(f"  picture written: {path}")
     return path
