@@ -9,7 +9,7 @@ from PIL import Image, JpegImagePlugin
 
 from minimlp import synthetic
 from minimlp.backend import to_numpy
-from minimlp.datasets import DataError, load_datasets, load_train, load_val
+from minimlp.datasets import DataError, load_datasets, load_train
 from minimlp.loader import Loader
 from minimlp.transforms import (IMAGENET_MEAN, IMAGENET_STD, eval_crop_box, eval_resize_size, eval_transform,
                                 load_rgb, normalize, random_resized_crop_box, to_chw, train_transform)
@@ -389,6 +389,17 @@ def test_train_epochs_shuffle_differently_and_drop_last(small_set):
     assert not np.array_equal(batches[0][0], other_seed[0][0])
 
 
+def test_train_augmentation_is_seeded_by_seed_epoch_and_position(small_set):
+    loader = Loader(small_set, 4, train=True, img_size=16, seed=3, workers=0)
+    order = loader.epoch_order(7)
+    images, labels = all_batches(loader, 7, start_batch=2)[0]
+    for offset in range(4):
+        position = 2 * 4 + offset
+        path, label = small_set.samples[order[position]]
+        expected = train_transform(path, 16, np.random.default_rng([3, 7, position]))
+        assert labels[offset] == label and np.array_equal(images[offset], expected)
+
+
 def test_eval_keeps_order_and_last_partial_batch(small_set):
     loader = Loader(small_set, 4, train=False, img_size=16, workers=0)
     batches = all_batches(loader, 0)
@@ -418,13 +429,15 @@ def test_unreadable_files_are_skipped_and_reported_once(small_set, capsys, worke
     assert warnings[0].startswith(f"warning: skipping unreadable image {garbage} (")
 
 
-def test_batch_where_every_file_fails_raises(small_set):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_where_every_file_fails_raises(small_set, workers):
     for path, _ in small_set.samples[:2]:
         with open(path, "wb") as file:
             file.write(b"broken")
-    loader = Loader(small_set, 2, train=False, img_size=16, workers=0)
+    loader = Loader(small_set, 2, train=False, img_size=16, workers=workers)
     with pytest.raises(DataError, match=r"every image of a batch failed.*img0.*img1"):
         next(loader.epoch(0))
+    assert loader.pool is None  # the error stopped the workers
 
 
 def test_batch_size_larger_than_training_set(small_set):
