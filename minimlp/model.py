@@ -187,8 +187,12 @@ class ResMLP:
                 grads[f"blocks.{i}.{short}"][...] = value
         dimages, grads["patch_embed.proj.weight"][...], grads["patch_embed.proj.bias"][...] = patch_embed_backward(
             dtokens, embed, need_dimages)
-        self._cache = None  # free the activations
+        self.free_activations()
         return dimages
+
+    def free_activations(self):
+        """Drop what forward() kept for backward (after evaluation, before training allocates anew)."""
+        self._cache = None
 
     def _drop_path_masks(self, batch):
         rate = self.config["drop_path"]

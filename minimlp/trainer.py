@@ -1,0 +1,186 @@
+"""The training loop: batches -> device -> normalize -> forward -> loss -> backward -> AdamW/LAMB,
+an evaluation each epoch, a log line and a checkpoint each epoch, exact resume, Ctrl-C saves.
+
+The state that makes resume exact (and that a checkpoint therefore holds): the weights, the
+optimizer's moments and step, the drop-path generator, and where the run stands (epoch, next batch,
+global step, the partial epoch's loss sum). Batches depend only on (seed, epoch, batch index)
+(minimlp.loader), and the learning rate only on the global step (minimlp.schedule).
+"""
+import json
+import signal
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from . import backend
+from .checkpoint import save_checkpoint
+from .losses import cross_entropy
+from .optim import AdamW, Lamb, clip_grad_norm
+from .schedule import lr_at
+from .transforms import normalize
+
+
+class Interrupted(Exception):
+    """Ctrl-C was pressed; a checkpoint has been saved."""
+
+
+def make_optimizer(name, model, lr, weight_decay):
+    if name == "adamw":
+        return AdamW(model, lr=lr, weight_decay=weight_decay)
+    if name == "lamb":
+        return Lamb(model, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"--opt {name!r}: choose adamw or lamb")
+
+
+def topk_correct(logits, labels, ks=(1, 5)):
+    """How many rows have their label among the k largest logits, for each k (as Python ints)."""
+    xp = backend.get_xp(logits)
+    ranked = xp.argsort(-logits, axis=1)[:, :max(ks)]
+    hits = ranked == labels[:, None]
+    return [int(hits[:, :k].any(axis=1).sum()) for k in ks]
+
+
+def to_device_batch(model, images, labels):
+    """uint8 host batch -> normalized float images and labels on the model's device."""
+    device_images = backend.to_device(images, model.device)
+    return normalize(device_images, dtype=model.dtype), backend.to_device(labels, model.device)
+
+
+def evaluate(model, loader):
+    """Mean loss (no label smoothing) and top-1/top-5 in percent over every batch of `loader`."""
+    loss_sum, top1, top5, count = 0.0, 0, 0, 0
+    for images, labels in tqdm(loader.epoch(0), total=len(loader), desc="eval", unit="batch", dynamic_ncols=True,
+                               leave=False):
+        x, y = to_device_batch(model, images, labels)
+        logits = model.forward(x)
+        loss, _ = cross_entropy(logits, y)
+        hits1, hits5 = topk_correct(logits, y)
+        loss_sum += float(loss) * len(labels)
+        top1, top5, count = top1 + hits1, top5 + hits5, count + len(labels)
+    model.free_activations()
+    return dict(val_loss=loss_sum / count, val_top1=100.0 * top1 / count, val_top5=100.0 * top5 / count)
+
+
+class CtrlC:
+    """While active, the first Ctrl-C only raises a flag (the loop saves and stops after the current
+    step); a second one interrupts at once."""
+
+    def __init__(self):
+        self.pressed = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        self.pressed = True
+        signal.signal(signal.SIGINT, self.previous)
+        tqdm.write("Ctrl-C: saving a checkpoint after this step (press again to quit at once)")
+
+    def __exit__(self, *exc_info):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+class Trainer:
+    """Wires a model, an optimizer and two loaders to the loop. `settings` is the run's configuration
+    (train.py's parsed flags as a dict); `position` where to continue (from a checkpoint)."""
+
+    def __init__(self, model, optimizer, train_loader, val_loader, classes, settings, output, position=None):
+        self.model, self.optimizer = model, optimizer
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.classes, self.settings, self.output = classes, settings, output
+        self.xp = model.xp
+        steps_per_epoch = len(train_loader)
+        self.total_steps = settings["epochs"] * steps_per_epoch
+        self.warmup_steps = min(int(settings["warmup_epochs"] * steps_per_epoch), self.total_steps - 1)
+        self.position = position or dict(epoch=0, batch=0, global_step=0, loss_sum=0.0, images=0,
+                                         seconds=0.0, best_top1=None)
+
+    def learning_rate(self, step):
+        s = self.settings
+        return lr_at(step, base_lr=s["lr"], total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                     min_lr=s["min_lr"], warmup_lr=s["warmup_lr"])
+
+    # -----------------------------------------------------------------------------------------
+    def fit(self):
+        """Train from self.position to the last epoch; returns the last epoch's log record."""
+        record = None
+        with CtrlC() as ctrl_c:
+            while self.position["epoch"] < self.settings["epochs"]:
+                self.train_epoch(ctrl_c)
+                record = self.end_epoch(ctrl_c)
+        return record
+
+    def train_epoch(self, ctrl_c):
+        p, s = self.position, self.settings
+        epoch, loader = p["epoch"], self.train_loader
+        bar = tqdm(total=len(loader), initial=p["batch"], desc=f"epoch {epoch + 1}/{s['epochs']}", unit="batch",
+                   dynamic_ncols=True, leave=False)
+        started = time.perf_counter()
+        seconds_before = p["seconds"]
+        for images, labels in loader.epoch(epoch, start_batch=p["batch"]):
+            loss = self.train_step(images, labels)
+            p["loss_sum"] += loss * len(labels)
+            p["images"] += len(labels)
+            p["batch"] += 1
+            p["global_step"] += 1
+            p["seconds"] = seconds_before + time.perf_counter() - started
+            bar.update()
+            bar.set_postfix(loss=f"{p['loss_sum'] / p['images']:.4f}", lr=f"{self.optimizer.lr:.2e}",
+                            img_s=f"{p['images'] / max(p['seconds'], 1e-9):.0f}", refresh=False)
+            if ctrl_c.pressed:
+                bar.close()
+                self.save("checkpoint.npz")
+                raise Interrupted(f"stopped at epoch {epoch + 1}, batch {p['batch']}/{len(loader)}; "
+                                  f"continue with --resume {self.output / 'checkpoint.npz'}")
+        bar.close()
+
+    def train_step(self, images, labels):
+        """One optimizer step on a uint8 batch; returns the batch's mean loss as a float."""
+        s = self.settings
+        x, y = to_device_batch(self.model, images, labels)
+        logits = self.model.forward(x, train=True)
+        loss, dlogits = cross_entropy(logits, y, smoothing=s["smoothing"])
+        self.model.backward(dlogits)
+        if s["clip_grad"]:
+            clip_grad_norm(self.model.parameters, s["clip_grad"])
+        self.optimizer.lr = self.learning_rate(self.position["global_step"])
+        self.optimizer.step()
+        loss = float(loss)
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss} at step {self.position['global_step']}: "
+                                     "lower --lr, or set --clip-grad")
+        return loss
+
+    def end_epoch(self, ctrl_c):
+        """Evaluate, log, checkpoint, and move the position to the next epoch."""
+        p, s = self.position, self.settings
+        if ctrl_c.pressed:  # pressed during the last step's bookkeeping: training is done, eval is not
+            self.save("checkpoint.npz")
+            raise Interrupted(f"stopped after the training part of epoch {p['epoch'] + 1}; continue with "
+                              f"--resume {self.output / 'checkpoint.npz'}")
+        metrics = evaluate(self.model, self.val_loader)
+        record = dict(epoch=p["epoch"] + 1, train_loss=p["loss_sum"] / max(p["images"], 1), **metrics,
+                      lr=self.optimizer.lr, images_per_s=p["images"] / max(p["seconds"], 1e-9),
+                      seconds=p["seconds"])
+        tqdm.write(f"epoch {record['epoch']}/{s['epochs']}  train loss {record['train_loss']:.4f}  "
+                   f"val loss {record['val_loss']:.4f}  top-1 {record['val_top1']:.2f}%  "
+                   f"top-5 {record['val_top5']:.2f}%  lr {record['lr']:.2e}  "
+                   f"{record['images_per_s']:.0f} img/s  {record['seconds']:.1f} s")
+        with open(self.output / "log.jsonl", "a") as log:
+            log.write(json.dumps(record) + "\n")
+        improved = p["best_top1"] is None or record["val_top1"] > p["best_top1"]
+        if improved:
+            p["best_top1"] = record["val_top1"]
+        p.update(epoch=p["epoch"] + 1, batch=0, loss_sum=0.0, images=0, seconds=0.0)
+        self.save("checkpoint.npz")
+        if improved:
+            self.save("best.npz")
+        return record
+
+    # -----------------------------------------------------------------------------------------
+    def save(self, filename):
+        meta = dict(position=self.position, classes=self.classes, model=self.model.config, settings=self.settings,
+                    drop_path_rng=self.model.drop_path_rng.bit_generator.state)
+        save_checkpoint(self.output / filename, self.model.state_dict(), self.optimizer.state_dict(), meta)

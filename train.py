@@ -1,0 +1,209 @@
+"""Train and evaluate ResMLP on an ImageFolder dataset, end to end, resumable.
+
+    python train.py                                   # the built-in demo: resmlp_tiny on shapes10, CPU
+    python train.py --device gpu --data imagenet/     # ResMLP-S12 on ImageNet (DATA/train, DATA/val)
+    python train.py --resume runs/X/checkpoint.npz    # continue a run exactly where it stopped
+    python train.py --eval-only --resume W --data D   # top-1/top-5 of a checkpoint or published weights
+
+Flags follow DeiT/timm. Without --data, the demo defaults apply (see --help).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from minimlp import backend, create_model
+from minimlp.checkpoint import is_training_checkpoint, load_checkpoint
+from minimlp.datasets import DataError, load_datasets
+from minimlp.loader import Loader
+from minimlp.model import PRESETS
+from minimlp.synthetic import ensure_shapes_dataset
+from minimlp.trainer import Interrupted, Trainer, evaluate, make_optimizer
+from minimlp.weights import WeightsError, read_weights
+
+# Defaults, in order of precedence after the flags themselves: a resumed checkpoint's settings, then
+# those of the kind of run (the demo without --data, or a real dataset such as ImageNet), then COMMON.
+DEMO_DEFAULTS = dict(model="resmlp_tiny", img_size=32, batch_size=128, epochs=15, lr=2e-3, warmup_epochs=1,
+                     drop_path=0.0)
+DATA_DEFAULTS = dict(model="resmlp_s12", img_size=224, batch_size=256, epochs=300, lr=None, warmup_epochs=5,
+                     drop_path=0.05)
+COMMON_DEFAULTS = dict(crop_pct=0.875, opt="adamw", weight_decay=0.05, warmup_lr=1e-6, min_lr=1e-5, smoothing=0.1,
+                       clip_grad=0.0, seed=0)
+# What a resumed run takes from its checkpoint unless the flag is given again (not: device, workers, output)
+RESUMED_SETTINGS = ["data", "model", "img_size", "patch_size", "crop_pct", "batch_size", "epochs", "opt", "lr",
+                    "weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "smoothing", "clip_grad", "drop_path",
+                    "seed"]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Train ResMLP (minimlp: NumPy/CuPy, forward and backward by hand) on an ImageFolder dataset. "
+                    "Without --data: the built-in demo (resmlp_tiny on generated shapes10 images). With --resume, "
+                    "flags not given again keep the checkpoint's values.")
+    a = parser.add_argument
+    a("--data", type=Path, help="dataset folder with train/<class>/* and val/<class>/* (or the flat ILSVRC2012 "
+                                "val folder with LOC_val_solution.csv beside it)")
+    a("--model", choices=sorted(PRESETS), help="model preset (default: resmlp_tiny demo, resmlp_s12 with --data)")
+    a("--img-size", type=int, help="input resolution (default: 32 demo, 224 with --data)")
+    a("--patch-size", type=int, help="patch size (default: the preset's: 4 tiny, 16 S12/S24/S36, 8 B24)")
+    a("--crop-pct", type=float, help="eval: resize to img_size/crop_pct then center crop (default 0.875; paper 0.9)")
+    a("--batch-size", type=int, help="images per step (default: 128 demo, 256 with --data)")
+    a("--epochs", type=int, help="epochs (default: 15 demo, 300 with --data)")
+    a("--opt", choices=["adamw", "lamb"], help="optimizer (default adamw; the paper uses lamb)")
+    a("--lr", type=float, help="peak learning rate (default: 2e-3 demo; 5e-4 * batch_size / 512 with --data, "
+                               "DeiT's rule)")
+    a("--weight-decay", type=float, help="decoupled weight decay on matrices, never on 1-D parameters (default 0.05)")
+    a("--warmup-epochs", type=float, help="epochs of linear warmup from --warmup-lr (default: 1 demo, 5 with --data)")
+    a("--warmup-lr", type=float, help="learning rate of the first step (default 1e-6)")
+    a("--min-lr", type=float, help="learning rate at the end of the cosine (default 1e-5)")
+    a("--smoothing", type=float, help="label smoothing (default 0.1)")
+    a("--clip-grad", type=float, help="clip the global gradient norm to this; 0 = off (default 0)")
+    a("--drop-path", type=float, help="stochastic depth rate, the same in every block (default: 0 demo, 0.05 "
+                                      "with --data)")
+    a("--workers", type=int, default=os.cpu_count(), help=f"data loading processes; 0 = in the main process "
+                                                         f"(default: the number of cores, {os.cpu_count()})")
+    a("--seed", type=int, help="seed of initialization, shuffling, augmentation and drop path (default 0)")
+    a("--device", choices=["auto", "cpu", "gpu"], default="auto",
+      help="auto (the default) takes the GPU when CuPy and a GPU are present, and says which it chose")
+    a("--output", type=Path, help="run folder for log.jsonl, checkpoint.npz, best.npz (default: runs/<model>-<time>, "
+                                  "or the resumed checkpoint's folder)")
+    a("--resume", type=Path, help="continue from a checkpoint.npz exactly; with --eval-only also published weights "
+                                  "(.npz or .safetensors, official or timm names)")
+    a("--eval-only", action="store_true", help="evaluate --resume on the val split and exit")
+    args = parser.parse_args(argv)
+    if args.eval_only and not args.resume:
+        parser.error("--eval-only needs --resume CHECKPOINT_OR_WEIGHTS")
+    if args.workers < 0:
+        parser.error(f"--workers must be 0 or more, got {args.workers}")
+    return args
+
+
+def complete_settings(args, meta):
+    """Fill every flag not given: from the checkpoint's settings (meta, when resuming), then defaults."""
+    if meta is not None:
+        for key in RESUMED_SETTINGS:
+            if getattr(args, key) is None and meta["settings"].get(key) is not None:
+                value = meta["settings"][key]
+                setattr(args, key, Path(value) if key == "data" else value)
+    for key, value in {**(DATA_DEFAULTS if args.data else DEMO_DEFAULTS), **COMMON_DEFAULTS}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.lr is None:
+        args.lr = 5e-4 * args.batch_size / 512
+    for flag, value in [("--batch-size", args.batch_size), ("--epochs", args.epochs), ("--img-size", args.img_size)]:
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    for flag, value in [("--smoothing", args.smoothing), ("--drop-path", args.drop_path)]:
+        if not 0 <= value < 1:
+            raise ValueError(f"{flag} must be in [0, 1), got {value}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except Interrupted as stop:
+        print(stop, file=sys.stderr)
+        return 130
+    except (DataError, WeightsError, backend.DeviceError, ValueError, FloatingPointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(args):
+    checkpoint = resume_state(args)
+    meta = checkpoint[2] if checkpoint else None
+    complete_settings(args, meta)
+    device = backend.resolve_device(args.device)
+    print(f"device: {device}" + (" (auto: no CUDA GPU with CuPy found)" if args.device == "auto" and device == "cpu"
+                                 else ""))
+    data = args.data
+    if data is None:
+        data = ensure_shapes_dataset()
+        print(f"no --data given: the demo, {args.model} on the built-in shapes10 dataset in {data}")
+    train_set, val_set = load_datasets(data)
+    if meta is not None:
+        check_compatible(meta, args, train_set.classes)
+    model = create_model(args.model, num_classes=len(train_set.classes), img_size=args.img_size,
+                         patch_size=args.patch_size, drop_path=args.drop_path, device=device, seed=args.seed)
+    print(f"model: {args.model}, {model.num_params() / 1e6:.2f}M parameters, {model.num_patches} patches; "
+          f"data: {len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes")
+    val_loader = Loader(val_set, args.batch_size, train=False, img_size=args.img_size, crop_pct=args.crop_pct,
+                        seed=args.seed, workers=args.workers)
+    if args.eval_only:
+        model.load_state_dict(checkpoint[0])
+        with val_loader:
+            metrics = evaluate(model, val_loader)
+        print(f"{args.resume}: top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  "
+              f"val loss {metrics['val_loss']:.4f}  ({len(val_set)} images)")
+        return 0
+    train_loader = Loader(train_set, args.batch_size, train=True, img_size=args.img_size, seed=args.seed,
+                          workers=args.workers)
+    optimizer = make_optimizer(args.opt, model, args.lr, args.weight_decay)
+    position = None
+    if checkpoint:
+        weights, optimizer_state, meta = checkpoint
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(optimizer_state)
+        model.drop_path_rng.bit_generator.state = meta["drop_path_rng"]
+        position = meta["position"]
+        print(f"resumed from {args.resume}: epoch {position['epoch'] + 1}, batch {position['batch']}")
+    output = args.output or (args.resume.parent if args.resume else
+                             Path("runs") / f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.json").write_text(json.dumps(settings_of(args), indent=2) + "\n")
+    print(f"output: {output}")
+    with train_loader, val_loader:
+        trainer = Trainer(model, optimizer, train_loader, val_loader, train_set.classes, settings_of(args), output,
+                          position)
+        record = trainer.fit()
+    if record:
+        print(f"done: top-1 {record['val_top1']:.2f}%, top-5 {record['val_top5']:.2f}% after {record['epoch']} "
+              f"epochs (best top-1 {trainer.position['best_top1']:.2f}%); checkpoints in {output}")
+    else:
+        print(f"nothing to do: the checkpoint has finished its {args.epochs} epochs (give a larger --epochs to go on)")
+    return 0
+
+
+def settings_of(args):
+    """The run's configuration, JSON-ready (saved in config.json and in every checkpoint)."""
+    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+
+
+def resume_state(args):
+    """(weights, optimizer state, meta) of --resume, or None. With --eval-only, weights alone will do
+    (published .safetensors/.npz weights): optimizer state and meta are then None."""
+    if not args.resume:
+        return None
+    if args.eval_only:
+        weights = read_weights(args.resume)
+        meta = load_checkpoint(args.resume)[2] if is_training_checkpoint(args.resume) else None
+        return weights, None, meta
+    return load_checkpoint(args.resume)
+
+
+def check_compatible(meta, args, classes):
+    """A checkpoint continues only with the same model and the same classes."""
+    config = meta["model"]
+    now = dict(name=args.model, img_size=args.img_size, num_classes=len(classes), drop_path=args.drop_path,
+               patch_size=args.patch_size or PRESETS[args.model]["patch_size"])
+    flags = dict(name="--model", img_size="--img-size", num_classes="number of classes", drop_path="--drop-path",
+                 patch_size="--patch-size")
+    mismatched = [f"{flags[key]} {config[key]} (now {value})" for key, value in now.items() if config[key] != value]
+    if mismatched:
+        raise WeightsError(f"{args.resume} was made with " + ", ".join(mismatched) +
+                           ": use the same settings, or start a new run without --resume")
+    if meta["classes"] != list(classes):
+        missing = sorted(set(meta["classes"]) - set(classes))[:3]
+        added = sorted(set(classes) - set(meta["classes"]))[:3]
+        raise WeightsError(f"{args.resume} was made for other classes than those of {args.data or 'the demo'}"
+                           f" (not there now: {missing}; new: {added})")
+    if not args.eval_only and meta["settings"].get("opt") != args.opt:
+        raise WeightsError(f"{args.resume} was trained with --opt {meta['settings'].get('opt')}, not {args.opt}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
