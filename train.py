@@ -25,14 +25,14 @@ from minimlp.weights import WeightsError, read_weights
 
 # Defaults, in order of precedence after the flags themselves: a resumed checkpoint's settings, then
 # those of the kind of run (the demo without --data, or a real dataset such as ImageNet), then COMMON.
-DEMO_DEFAULTS = dict(model="resmlp_tiny", img_size=32, batch_size=128, epochs=15, lr=2e-3, warmup_epochs=1,
+DEMO_DEFAULTS = dict(model="resmlp_tiny", img_size=32, scale=(0.35, 1.0), batch_size=128, epochs=15, lr=2e-3, warmup_epochs=1,
                      drop_path=0.0)
-DATA_DEFAULTS = dict(model="resmlp_s12", img_size=224, batch_size=256, epochs=300, lr=None, warmup_epochs=5,
+DATA_DEFAULTS = dict(model="resmlp_s12", img_size=224, scale=(0.08, 1.0), batch_size=256, epochs=300, lr=None, warmup_epochs=5,
                      drop_path=0.05)
 COMMON_DEFAULTS = dict(crop_pct=0.875, opt="adamw", weight_decay=0.05, warmup_lr=1e-6, min_lr=1e-5, smoothing=0.1,
                        clip_grad=0.0, seed=0)
 # What a resumed run takes from its checkpoint unless the flag is given again (not: device, workers, output)
-RESUMED_SETTINGS = ["data", "model", "img_size", "patch_size", "crop_pct", "batch_size", "epochs", "opt", "lr",
+RESUMED_SETTINGS = ["data", "model", "img_size", "patch_size", "crop_pct", "scale", "batch_size", "epochs", "opt", "lr",
                     "weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "smoothing", "clip_grad", "drop_path",
                     "seed"]
 
@@ -49,6 +49,8 @@ def parse_args(argv=None):
     a("--img-size", type=int, help="input resolution (default: 32 demo, 224 with --data)")
     a("--patch-size", type=int, help="patch size (default: the preset's: 4 tiny, 16 S12/S24/S36, 8 B24)")
     a("--crop-pct", type=float, help="eval: resize to img_size/crop_pct then center crop (default 0.875; paper 0.9)")
+    a("--scale", type=float, nargs=2, metavar=("MIN", "MAX"),
+      help="RandomResizedCrop area range of the training crops (default: 0.35 1 demo, 0.08 1 with --data)")
     a("--batch-size", type=int, help="images per step (default: 128 demo, 256 with --data)")
     a("--epochs", type=int, help="epochs (default: 15 demo, 300 with --data)")
     a("--opt", choices=["adamw", "lamb"], help="optimizer (default adamw; the paper uses lamb)")
@@ -140,8 +142,8 @@ def run(args):
         print(f"{args.resume}: top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  "
               f"val loss {metrics['val_loss']:.4f}  ({len(val_set)} images)")
         return 0
-    train_loader = Loader(train_set, args.batch_size, train=True, img_size=args.img_size, seed=args.seed,
-                          workers=args.workers)
+    train_loader = Loader(train_set, args.batch_size, train=True, img_size=args.img_size, scale=tuple(args.scale),
+                          seed=args.seed, workers=args.workers)
     optimizer = make_optimizer(args.opt, model, args.lr, args.weight_decay)
     position = None
     if checkpoint:

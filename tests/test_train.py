@@ -1,0 +1,184 @@
+"""train.py end to end, as a user runs it (subprocesses), on tiny generated image folders."""
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minimlp import create_model
+from minimlp.backend import gpu_available
+from minimlp.checkpoint import load_checkpoint
+from minimlp.synthetic import ensure_shapes_dataset
+from minimlp.weights import official_to_timm
+from tests.imagetools import make_image_folder, save_image
+
+ROOT = Path(__file__).resolve().parent.parent
+# A small, fast configuration: 16 px shapes, 16 patches; seconds per run on 2 cores.
+FAST = ["--model", "resmlp_tiny", "--img-size", "16", "--batch-size", "16", "--warmup-epochs", "0", "--lr", "3e-3",
+        "--scale", "0.5", "1", "--workers", "0"]
+TINY = FAST[:4]  # just the model and its size
+
+
+def train(*args, check=True, timeout=300):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """A small copy of the demo's shapes10 dataset: 10 classes, 24 train and 6 val images each."""
+    return ensure_shapes_dataset(tmp_path_factory.mktemp("cache"), train_per_class=24, val_per_class=6)
+
+
+def read_log(output):
+    return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+
+
+def test_training_learns_and_logs(shapes, tmp_path):
+    train("--data", shapes, "--epochs", 4, "--output", tmp_path, *FAST)
+    log = read_log(tmp_path)
+    assert [record["epoch"] for record in log] == [1, 2, 3, 4]
+    assert set(log[0]) == {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "seconds"}
+    assert log[-1]["train_loss"] < log[0]["train_loss"] - 0.1
+    assert all(0 <= r["val_top1"] <= r["val_top5"] <= 100 for r in log)
+    for name in ["checkpoint.npz", "best.npz", "config.json"]:
+        assert (tmp_path / name).is_file()
+    assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporary behind
+    _, _, meta = load_checkpoint(tmp_path / "checkpoint.npz")
+    assert meta["classes"] == sorted(p.name for p in (shapes / "train").iterdir())
+    assert meta["position"]["epoch"] == 4 and meta["model"]["img_size"] == 16
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(shapes, tmp_path):
+    settings = ["--data", shapes, "--epochs", 5, *FAST, "--drop-path", "0.1"]
+    train(*settings, "--output", tmp_path / "straight")
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, settings), "--output",
+                                str(interrupted)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:  # Ctrl-C as soon as the first epoch is logged: somewhere inside epoch 2
+        if line.startswith("epoch 1/5"):
+            process.send_signal(signal.SIGINT)
+            break
+    output = process.stdout.read()
+    assert process.wait(timeout=120) == 130, output
+    assert "continue with --resume" in output
+    _, _, meta = load_checkpoint(interrupted / "checkpoint.npz")
+    assert meta["position"]["epoch"] < 5  # really stopped early
+    train("--resume", interrupted / "checkpoint.npz")
+
+    straight_weights, straight_optimizer, _ = load_checkpoint(tmp_path / "straight" / "checkpoint.npz")
+    resumed_weights, resumed_optimizer, _ = load_checkpoint(interrupted / "checkpoint.npz")
+    for name, value in straight_weights.items():
+        np.testing.assert_array_equal(resumed_weights[name], value, err_msg=name)
+    np.testing.assert_array_equal(resumed_optimizer["m"], straight_optimizer["m"])
+    np.testing.assert_array_equal(resumed_optimizer["v"], straight_optimizer["v"])
+    straight_log, resumed_log = read_log(tmp_path / "straight"), read_log(interrupted)
+    for key in ["epoch", "train_loss", "val_loss", "val_top1", "lr"]:
+        assert [r[key] for r in resumed_log] == [r[key] for r in straight_log], key
+
+
+def test_parallel_workers_give_the_same_run(shapes, tmp_path):
+    train("--data", shapes, "--epochs", 1, *FAST, "--output", tmp_path / "serial")
+    train("--data", shapes, "--epochs", 1, *FAST, "--workers", 2, "--output", tmp_path / "parallel")
+    a, _, _ = load_checkpoint(tmp_path / "serial" / "checkpoint.npz")
+    b, _, _ = load_checkpoint(tmp_path / "parallel" / "checkpoint.npz")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_eval_only_on_a_checkpoint_and_on_published_weights(shapes, tmp_path):
+    train("--data", shapes, "--epochs", 1, "--output", tmp_path, *FAST)
+    result = train("--eval-only", "--resume", tmp_path / "checkpoint.npz", "--data", shapes, "--workers", 0)
+    last = read_log(tmp_path)[-1]
+    assert f"top-1 {last['val_top1']:.2f}%" in result.stdout and f"top-5 {last['val_top5']:.2f}%" in result.stdout
+
+    from safetensors.numpy import save_file  # timm's hub format, timm's names
+    weights, _, _ = load_checkpoint(tmp_path / "checkpoint.npz")
+    save_file({k: np.ascontiguousarray(v) for k, v in official_to_timm(weights).items()}, str(tmp_path / "w.safetensors"))
+    result = train("--eval-only", "--resume", tmp_path / "w.safetensors", "--data", shapes, "--workers", 0,
+                   "--model", "resmlp_tiny", "--img-size", 16)
+    assert f"top-1 {last['val_top1']:.2f}%" in result.stdout
+
+
+def test_flat_imagenet_val_folder_and_every_image_mode(tmp_path):
+    data = tmp_path / "data"
+    make_image_folder(data, classes=("n01440764", "n01443537"), per_class=4, size=(40, 30),
+                      modes=("RGB", "L", "CMYK", "P", "RGBA", "LA", "I;16"), splits=("train",))
+    (data / "val").mkdir()
+    rows = ["ImageId,PredictionString"]
+    for i, wnid in enumerate(["n01440764", "n01443537", "n01443537"]):
+        save_image(data / "val" / f"ILSVRC2012_val_{i + 1:08d}.JPEG", size=(50, 40), seed=i)
+        rows.append(f"ILSVRC2012_val_{i + 1:08d},{wnid} 1 2 30 40")
+    (data / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    (data / "train" / "n01443537" / "extra.webp").parent.mkdir(exist_ok=True)
+    save_image(data / "train" / "n01443537" / "extra.webp", size=(33, 47), seed=9)
+    result = train("--data", data, "--epochs", 1, "--output", tmp_path / "run", *TINY, "--batch-size", 4,
+                   "--workers", 0)
+    assert "3 val images, 2 classes" in result.stdout
+    assert read_log(tmp_path / "run")[0]["val_top1"] in (0.0, 100 / 3, 200 / 3, 100.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one clear line naming what and where, a non-zero exit, no traceback.
+# ---------------------------------------------------------------------------------------------
+def _fails_clearly(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def test_bad_data_folders(tmp_path):
+    _fails_clearly(train("--data", tmp_path / "absent", check=False), str(tmp_path / "absent"))
+    (tmp_path / "empty").mkdir()
+    _fails_clearly(train("--data", tmp_path / "empty", check=False), str(tmp_path / "empty"), "train")
+    (tmp_path / "noclasses" / "train").mkdir(parents=True)
+    (tmp_path / "noclasses" / "val").mkdir()
+    _fails_clearly(train("--data", tmp_path / "noclasses", check=False), "no class folders")
+    make_image_folder(tmp_path / "hollow", classes=("a", "b"), per_class=2)
+    for image in (tmp_path / "hollow" / "train" / "b").iterdir():
+        image.unlink()
+    _fails_clearly(train("--data", tmp_path / "hollow", check=False), str(tmp_path / "hollow" / "train" / "b"))
+
+
+def test_bad_flags(tmp_path, shapes):
+    _fails_clearly(train("--model", "resmlp_99", check=False), "--model", "resmlp_99")
+    _fails_clearly(train("--data", shapes, "--batch-size", 100000, *TINY, check=False), "--batch-size 100000")
+    _fails_clearly(train("--data", shapes, "--epochs", 0, check=False), "--epochs")
+    _fails_clearly(train("--eval-only", check=False), "--eval-only needs --resume")
+    if not gpu_available():
+        _fails_clearly(train("--device", "gpu", check=False), "--device gpu")
+
+
+def test_checkpoint_from_another_model_or_dataset(shapes, tmp_path):
+    train("--data", shapes, "--epochs", 1, "--output", tmp_path, *FAST)
+    checkpoint = tmp_path / "checkpoint.npz"
+    _fails_clearly(train("--resume", checkpoint, "--model", "resmlp_s12", check=False),
+                   str(checkpoint), "--model resmlp_tiny (now resmlp_s12)")
+    other = tmp_path / "other"
+    make_image_folder(other, classes=("a", "b", "c"), per_class=2, size=(20, 20))
+    _fails_clearly(train("--resume", checkpoint, "--data", other, check=False), "number of classes 10 (now 3)")
+    model = create_model("resmlp_tiny", num_classes=10, img_size=16, dim=32)
+    np.savez(tmp_path / "narrow.npz", **model.state_dict())
+    _fails_clearly(train("--eval-only", "--resume", tmp_path / "narrow.npz", "--data", shapes, "--model",
+                         "resmlp_tiny", "--img-size", 16, "--workers", 0, check=False),
+                   "weights do not fit resmlp_tiny", "wrong shape")
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip")
+    _fails_clearly(train("--resume", tmp_path / "garbage.npz", check=False), "garbage.npz", "not a readable")
+
+
+def test_corrupt_image_is_skipped_and_named(tmp_path):
+    data = tmp_path / "data"
+    make_image_folder(data, classes=("a", "b"), per_class=4, size=(24, 24))
+    broken = data / "train" / "a" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    result = train("--data", data, "--epochs", 1, "--output", tmp_path / "run", *TINY, "--batch-size", 4,
+                   "--workers", 0)
+    assert f"skipping unreadable image {broken}" in result.stderr
