@@ -17,9 +17,10 @@ What you will see:
 
 Run: python lessons/01_images_to_patches.py   (from the repository root)
 """
-import numpy as np
-
+# _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
 from _lesson import check, heading, save_figure, show_source
+
+import numpy as np
 
 from minimlp import layers
 

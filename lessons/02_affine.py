@@ -16,9 +16,10 @@ and check them against minimlp.layers.affine_backward and against a nudged param
 
 Run: python lessons/02_affine.py
 """
-import numpy as np
-
+# _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
 from _lesson import check, heading, show_source
+
+import numpy as np
 
 from minimlp import layers
 

@@ -15,9 +15,10 @@ What you will see:
 
 Run: python lessons/03_linear.py
 """
-import numpy as np
-
+# _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
 from _lesson import check, heading, show_source
+
+import numpy as np
 
 from minimlp import layers
 

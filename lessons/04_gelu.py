@@ -17,11 +17,12 @@ forms compared, a picture (lessons/out/04_gelu.png), and a finite-difference che
 
 Run: python lessons/04_gelu.py
 """
+# _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
+from _lesson import check, heading, save_figure, show_source
+
 import math
 
 import numpy as np
-
-from _lesson import check, heading, save_figure, show_source
 
 from minimlp import layers
 from minimlp.backend import erf

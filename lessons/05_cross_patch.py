@@ -22,11 +22,12 @@ What you will see:
 
 Run: python lessons/05_cross_patch.py
 """
+# _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
+from _lesson import check, heading, save_figure, show_source
+
 import time
 
 import numpy as np
-
-from _lesson import check, heading, save_figure, show_source
 
 from minimlp import layers
 

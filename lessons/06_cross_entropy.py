@@ -17,9 +17,10 @@ exp() overflows and how minimlp avoids it, and what label smoothing (ResMLP trai
 
 Run: python lessons/06_cross_entropy.py
 """
-import numpy as np
-
+# _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
 from _lesson import check, heading, show_source
+
+import numpy as np
 
 from minimlp import losses
 

@@ -15,9 +15,10 @@ of layers (Linear -> GELU -> Linear -> cross-entropy) end to end. Sections 3 and
 
 Run: python lessons/07_gradient_checks.py
 """
-import numpy as np
-
+# _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
 from _lesson import check, heading, save_figure, show_source
+
+import numpy as np
 
 from minimlp import layers, losses
 from tests.gradcheck import numerical_gradients, relative_error, torch_gradients  # needs torch

@@ -19,9 +19,10 @@ check of every parameter's gradient by finite differences.
 
 Run: python lessons/08_resmlp_block.py
 """
-import numpy as np
-
+# _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
 from _lesson import check, heading, show_source
+
+import numpy as np
 
 from minimlp.model import BLOCK_PARAMETERS, PRESETS, block_backward, block_forward
 

@@ -20,9 +20,10 @@ What you will see:
 
 Run: python lessons/09_whole_model.py
 """
-import numpy as np
-
+# _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
 from _lesson import check, heading, show_source
+
+import numpy as np
 
 from minimlp import create_model, layers, losses
 from minimlp.model import ResMLP

@@ -18,11 +18,12 @@ The paper trains ResMLP with LAMB (also in minimlp.optim); AdamW is DeiT's commo
 
 Run: python lessons/10_adamw.py
 """
+# _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
+from _lesson import check, heading, save_figure, show_source
+
 import math
 
 import numpy as np
-
-from _lesson import check, heading, save_figure, show_source
 
 from minimlp import create_model, losses
 from minimlp.optim import AdamW, Lamb

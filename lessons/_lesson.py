@@ -10,6 +10,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+# The lessons multiply small matrices. At these sizes one BLAS thread is the fastest, and on a busy
+# 2-core machine OpenBLAS's extra threads spin waiting for each other: lesson 11 then takes a minute
+# instead of 6 s. So one thread, unless you say otherwise. This only works because every lesson
+# imports this module BEFORE numpy (the setting is read when numpy loads OpenBLAS).
+if "numpy" not in sys.modules:
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, "1")
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
