@@ -141,7 +141,7 @@ if torch is not None:
 #    but the optimizer updates the flat buffer model.parameters.data, which no longer backs it:
 #    head.bias silently stops learning. Always write in place: model.params[name][...] = value.
 # 3. Call model.backward twice after ONE forward. -> RuntimeError: backward frees the activations
-#    (self._cache = None), so a second backward cannot silently reuse stale ones.
+#    (model.free_activations()), so a second backward cannot silently reuse stale ones.
 # 4. Compute the input gradient (model.backward(dlogits, need_dimages=True)) for an image and show
 #    it as a picture: which pixels would change the logit of the label most? -> a "saliency map".
 print("\nLesson 9 done: the whole model's backward equals autograd; gradients overwrite, in one flat buffer.")

@@ -1,0 +1,176 @@
+"""Lesson 12: the same code on a GPU, with CuPy.
+
+CuPy is NumPy for NVIDIA GPUs: cupy.exp, cupy.matmul, array.reshape, ... with the same names and
+semantics, but the arrays live in GPU memory and every operation launches a GPU kernel. So a
+function written against an array module `xp`, never against `np` directly, runs on both:
+
+    def gelu_backward(dy, cache):
+        x, cdf = cache
+        xp = get_xp(x)          # numpy for a NumPy array, cupy for a CuPy array
+        slope = xp.exp(-0.5 * x * x) ...
+
+minimlp decides where arrays live in ONE place, minimlp.backend; every layer takes its `xp` from
+the data it is handed. The model is created for a device ("cpu", "gpu" or "auto") and moves its
+input there.
+
+What you will see: the backend's few functions; the xp idea on NumPy; what a fused GPU kernel buys
+(an estimate of memory traffic, and a measurement of what separate passes cost on the CPU); and,
+ONLY IF this machine has an NVIDIA GPU with CuPy, the same model on both devices, compared, and a
+fused GELU backward checked against the plain xp code. Without a GPU those parts say so and skip.
+
+Run: python lessons/12_gpu_with_cupy.py
+"""
+# _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
+from _lesson import check, heading, show_source
+
+import time
+
+import numpy as np
+
+from minimlp import backend, create_model, layers, losses
+
+# ---------------------------------------------------------------------------------------------
+heading("1. One place decides where arrays live: minimlp.backend")
+show_source(backend.get_xp)
+show_source(backend.resolve_device)
+show_source(backend.to_device)
+has_gpu = backend.gpu_available()
+print(f"this machine: {'an NVIDIA GPU with CuPy' if has_gpu else 'no GPU with CuPy'}; device 'auto' -> "
+      f"{backend.resolve_device('auto')!r}")
+if not has_gpu:
+    try:
+        backend.resolve_device("gpu")
+    except backend.DeviceError as error:
+        print(f"asking for 'gpu' here raises DeviceError: {error}")
+# What a person sees is a message that says what is missing and how to get it; nothing falls back
+# to the CPU silently when the GPU was asked for.
+
+# ---------------------------------------------------------------------------------------------
+heading("2. The xp idea, on NumPy")
+# A layer never names numpy. Give it NumPy arrays and get_xp returns numpy; give it CuPy arrays and
+# the very same lines run on the GPU. Our own function written the same way:
+
+
+def softplus(x):
+    xp = backend.get_xp(x)  # the array module of the data
+    return xp.log1p(xp.exp(-xp.abs(x))) + xp.maximum(x, 0)  # log(1 + e^x), stable for large |x|
+
+
+values = np.linspace(-50, 50, 11)
+check(backend.get_xp(values) is np and np.allclose(softplus(values), np.logaddexp(0, values)),
+      "an xp-function on NumPy arrays runs on NumPy (and equals log(1 + e^x))")
+# The model is created for a device; it moves inputs there itself (backend.to_device) and its
+# outputs stay there: backend.to_numpy brings them back to the host.
+model = create_model("resmlp_tiny", dim=32, depth=2, patch_size=8, num_classes=10, device="cpu")
+images = np.random.default_rng(0).normal(size=(8, 3, 32, 32)).astype(np.float32)
+labels = np.arange(8)
+logits_cpu = model.forward(images, train=True)
+loss_cpu, dlogits = losses.cross_entropy(logits_cpu, labels)
+model.backward(dlogits)
+grads_cpu = backend.to_numpy(model.parameters.grad).copy()
+print(f"on {model.device}: xp = {model.xp.__name__}, logits {type(logits_cpu).__name__} {logits_cpu.shape}, loss {float(loss_cpu):.4f}")
+
+# ---------------------------------------------------------------------------------------------
+heading("3. What a fused kernel buys")
+show_source(layers.gelu_backward)
+# On a GPU each xp line is its own kernel: it reads its inputs from GPU memory and writes its result
+# back. gelu_backward runs: x*x, *(-0.5), exp, *x (and the constant), +cdf, *dy: about 6 kernels,
+# each streaming one or two full-size arrays in and one out. The arithmetic is trivial; the time is
+# all memory traffic. A FUSED kernel does the whole formula per element in registers:
+#     read x, cdf, dy once -> compute -> write dx once.
+# Estimate for ResMLP-S12, batch 128: the hidden activation (N*B, 4d) of one block, float32:
+elements = 196 * 128 * 1536
+array_bytes = elements * 4
+unfused_transfers = 2 + 2 + 2 + 3 + 3 + 3  # x*x, *c, exp, *x, +cdf, *dy: arrays read + written per step
+fused_transfers = 4  # read x, cdf, dy; write dx
+bandwidth = 3.35e12  # bytes/s, an H100's memory bandwidth
+print(f"hidden activation: {elements / 1e6:.1f} M floats = {array_bytes / 1e6:.0f} MB")
+print(f"unfused ~{unfused_transfers} array transfers = {unfused_transfers * array_bytes / bandwidth * 1e3:.2f} ms per block at "
+      f"3.35 TB/s; fused {fused_transfers} = {fused_transfers * array_bytes / bandwidth * 1e3:.2f} ms")
+# x 12 blocks x (forward + backward), every step: elementwise layers are a real share of a GPU
+# step once the matmuls run on tensor cores. The same holds on the CPU, where each NumPy pass
+# also streams the array through memory. Measured here: the library's gelu_backward against one
+# plain multiply of the same size (the least any elementwise backward can do).
+x = np.random.default_rng(1).normal(size=4_000_000).astype(np.float32)
+_, cache = layers.gelu_forward(x)
+dy = np.ones_like(x)
+
+
+def best_of(function, repeats=5):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+plain_time = best_of(lambda: layers.gelu_backward(dy, cache))
+one_pass = best_of(lambda: dy * x)
+print(f"CPU, 4 M floats: gelu_backward {plain_time * 1e3:.1f} ms, a single multiply {one_pass * 1e3:.1f} ms "
+      f"(x{plain_time / one_pass:.1f}): the price of separate passes (and of exp)")
+
+# ---------------------------------------------------------------------------------------------
+heading("4. On the GPU (only where one is present)")
+if not has_gpu:
+    print("No NVIDIA GPU with CuPy on this machine: the GPU comparison and the fused kernel are skipped.\n"
+          "On a GPU machine: pip install cupy-cuda12x, then run this lesson again; everything above\n"
+          "runs unchanged, and this section checks that the GPU gives the CPU's numbers.")
+else:
+    import cupy
+
+    gpu_model = create_model("resmlp_tiny", dim=32, depth=2, patch_size=8, num_classes=10, device="gpu")
+    gpu_model.load_state_dict(model.state_dict())  # the same weights on both devices
+    logits_gpu = gpu_model.forward(images, train=True)  # NumPy input: the model moves it to the GPU
+    loss_gpu, dlogits_gpu = losses.cross_entropy(logits_gpu, backend.to_device(labels, "gpu"))
+    gpu_model.backward(dlogits_gpu)
+    print(f"on {gpu_model.device}: xp = {gpu_model.xp.__name__}, logits {type(logits_gpu).__module__}.{type(logits_gpu).__name__}")
+    logits_gap = np.abs(backend.to_numpy(logits_gpu) - logits_cpu).max() / np.abs(logits_cpu).max()
+    grads_gap = np.abs(backend.to_numpy(gpu_model.parameters.grad) - grads_cpu).max() / np.abs(grads_cpu).max()
+    print(f"GPU vs CPU, float32: logits differ by {logits_gap:.1e}, gradients by {grads_gap:.1e} (relative to the largest)")
+    # float32 rounding differs between cuBLAS and OpenBLAS (and TF32 tensor cores, if enabled,
+    # round more): equal to ~1e-5, not bit for bit.
+    check(logits_gap < 1e-3 and grads_gap < 1e-3, "the same model gives the same logits and gradients on GPU and CPU")
+
+    # A fused GELU backward: one kernel, the formula per element. The plain xp code above remains
+    # the reference; a fast path is only trusted once it matches it.
+    fused_gelu_backward = cupy.ElementwiseKernel(
+        "T dy, T x, T cdf", "T dx",
+        "dx = dy * (cdf + x * exp((T)-0.5 * x * x) * (T)0.3989422804014327)",  # 1/sqrt(2 pi)
+        "fused_gelu_backward")
+    x_gpu = cupy.asarray(np.random.default_rng(2).normal(size=196 * 128 * 1536).astype(np.float32))
+    _, gpu_cache = layers.gelu_forward(x_gpu)
+    dy_gpu = cupy.asarray(np.random.default_rng(3).normal(size=x_gpu.size).astype(np.float32))
+    reference = layers.gelu_backward(dy_gpu, gpu_cache)
+    fused = fused_gelu_backward(dy_gpu, *gpu_cache)
+    check(float(cupy.abs(fused - reference).max()) < 1e-5, "the fused kernel equals the library's plain xp gelu_backward")
+
+    def gpu_time(function, repeats=20):
+        function()
+        cupy.cuda.Device().synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            function()
+        cupy.cuda.Device().synchronize()  # GPU work is asynchronous: wait before reading the clock
+        return (time.perf_counter() - start) / repeats
+
+    print(f"GPU, {x_gpu.size / 1e6:.1f} M floats: plain xp gelu_backward {gpu_time(lambda: layers.gelu_backward(dy_gpu, gpu_cache)) * 1e3:.2f} ms, "
+          f"fused {gpu_time(lambda: fused_gelu_backward(dy_gpu, *gpu_cache)) * 1e3:.2f} ms")
+
+check(backend.to_numpy(logits_cpu).shape == (8, 10) and np.isfinite(grads_cpu).all(),
+      "the model ran forward and backward on this machine's default device")
+
+# ---------------------------------------------------------------------------------------------
+# Exercises (hints after the arrow)
+# 1. Find every `np.` inside minimlp/layers.py. -> there is none: layers use get_xp(x) (or the
+#    backend's erf), which is why they run on CuPy unchanged. Now look at minimlp/model.py: where
+#    does it use np, and why is that fine? -> for host-side things: initialization drawn on the CPU
+#    (the same numbers on every device), dtypes, drop-path masks drawn with a NumPy Generator.
+# 2. Write a fused kernel for the GELU forward with cupy.ElementwiseKernel (needs a GPU). Hint:
+#    CUDA has erff() for float32; output both y and cdf, as gelu_forward's cache needs it.
+# 3. In section 3, count the bytes of ONE ResMLP-S12 training step that elementwise layers move
+#    (Affine, LayerScale, GELU, residual adds), and compare with the 18 GFLOP of matmuls at ~500
+#    TFLOP/s. -> elementwise work is memory-bound and can cost as much time as the matmuls.
+# 4. Why does the model draw its initial weights with NumPy on the host even on a GPU? -> the same
+#    seed then gives exactly the same model on CPU and GPU (section 4 relies on it via state_dict).
+print("\nLesson 12 done: code written once against xp runs on NumPy and CuPy; fusion saves memory traffic.")
