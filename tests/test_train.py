@@ -1,5 +1,6 @@
 """train.py end to end, as a user runs it (subprocesses), on tiny generated image folders."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -40,19 +41,33 @@ def read_log(output):
     return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
 
 
-def test_training_learns_and_logs(shapes, tmp_path):
-    train("--data", shapes, "--epochs", 4, "--output", tmp_path, *FAST)
-    log = read_log(tmp_path)
+@pytest.fixture(scope="module")
+def trained(shapes, tmp_path_factory):
+    """The folder of a finished 4-epoch run on the small shapes10 copy."""
+    output = tmp_path_factory.mktemp("trained")
+    train("--data", shapes, "--epochs", 4, "--output", output, *FAST)
+    return output
+
+
+def test_training_learns_and_logs(shapes, trained):
+    log = read_log(trained)
     assert [record["epoch"] for record in log] == [1, 2, 3, 4]
-    assert set(log[0]) == {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "seconds"}
+    assert set(log[0]) >= {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_s", "seconds"}
     assert log[-1]["train_loss"] < log[0]["train_loss"] - 0.1
     assert all(0 <= r["val_top1"] <= r["val_top5"] <= 100 for r in log)
     for name in ["checkpoint.npz", "best.npz", "config.json"]:
-        assert (tmp_path / name).is_file()
-    assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporary behind
-    _, _, meta = load_checkpoint(tmp_path / "checkpoint.npz")
+        assert (trained / name).is_file()
+    assert not list(trained.glob("*.tmp"))  # atomic writes leave no temporary behind
+    _, _, meta = load_checkpoint(trained / "checkpoint.npz")
     assert meta["classes"] == sorted(p.name for p in (shapes / "train").iterdir())
     assert meta["position"]["epoch"] == 4 and meta["model"]["img_size"] == 16
+
+
+def test_analyze_a_checkpoint_trained_here(trained, tmp_path):
+    from minimlp.analyze import main as analyze
+    assert analyze([str(trained / "checkpoint.npz"), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "sparsity.csv").read_text().count("\n") == 1 + 6  # header + one row per block
+    assert (tmp_path / "summary.txt").is_file() and list(tmp_path.glob("cross_patch_layer_*.png"))
 
 
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(shapes, tmp_path):
@@ -61,7 +76,8 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(shapes, tmp_pat
 
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, settings), "--output",
-                                str(interrupted)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                str(interrupted)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})  # lines arrive as printed
     for line in process.stdout:  # Ctrl-C as soon as the first epoch is logged: somewhere inside epoch 2
         if line.startswith("epoch 1/5"):
             process.send_signal(signal.SIGINT)
@@ -93,14 +109,13 @@ def test_parallel_workers_give_the_same_run(shapes, tmp_path):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-def test_eval_only_on_a_checkpoint_and_on_published_weights(shapes, tmp_path):
-    train("--data", shapes, "--epochs", 1, "--output", tmp_path, *FAST)
-    result = train("--eval-only", "--resume", tmp_path / "checkpoint.npz", "--data", shapes, "--workers", 0)
-    last = read_log(tmp_path)[-1]
+def test_eval_only_on_a_checkpoint_and_on_published_weights(shapes, trained, tmp_path):
+    result = train("--eval-only", "--resume", trained / "checkpoint.npz", "--data", shapes, "--workers", 0)
+    last = read_log(trained)[-1]
     assert f"top-1 {last['val_top1']:.2f}%" in result.stdout and f"top-5 {last['val_top5']:.2f}%" in result.stdout
 
     from safetensors.numpy import save_file  # timm's hub format, timm's names
-    weights, _, _ = load_checkpoint(tmp_path / "checkpoint.npz")
+    weights, _, _ = load_checkpoint(trained / "checkpoint.npz")
     save_file({k: np.ascontiguousarray(v) for k, v in official_to_timm(weights).items()}, str(tmp_path / "w.safetensors"))
     result = train("--eval-only", "--resume", tmp_path / "w.safetensors", "--data", shapes, "--workers", 0,
                    "--model", "resmlp_tiny", "--img-size", 16)
@@ -157,9 +172,8 @@ def test_bad_flags(tmp_path, shapes):
         _fails_clearly(train("--device", "gpu", check=False), "--device gpu")
 
 
-def test_checkpoint_from_another_model_or_dataset(shapes, tmp_path):
-    train("--data", shapes, "--epochs", 1, "--output", tmp_path, *FAST)
-    checkpoint = tmp_path / "checkpoint.npz"
+def test_checkpoint_from_another_model_or_dataset(shapes, trained, tmp_path):
+    checkpoint = trained / "checkpoint.npz"
     _fails_clearly(train("--resume", checkpoint, "--model", "resmlp_s12", check=False),
                    str(checkpoint), "--model resmlp_tiny (now resmlp_s12)")
     other = tmp_path / "other"
