@@ -17,9 +17,16 @@ def test_lessons_are_found():
     assert LESSONS, f"no lesson files (NN_name.py) in {REPO_ROOT / 'lessons'}"
 
 
+@pytest.fixture(scope="module")
+def lesson_out(tmp_path_factory):
+    """One output folder for the whole run, as for a reader: lesson 13 then reuses the weights lesson 11
+    saved instead of training again (run alone, it trains them itself)."""
+    return tmp_path_factory.mktemp("lesson_out")
+
+
 @pytest.mark.parametrize("lesson", LESSONS, ids=[path.stem for path in LESSONS])
-def test_lesson_runs_and_its_checks_pass(lesson, tmp_path):
-    env = {**os.environ, "MINIMLP_LESSON_OUT": str(tmp_path), "MPLBACKEND": "Agg"}
+def test_lesson_runs_and_its_checks_pass(lesson, lesson_out):
+    env = {**os.environ, "MINIMLP_LESSON_OUT": str(lesson_out), "MPLBACKEND": "Agg"}
     try:
         result = subprocess.run([sys.executable, str(lesson)], cwd=REPO_ROOT, env=env, capture_output=True,
                                 text=True, timeout=TIMEOUT_S)
@@ -27,6 +34,5 @@ def test_lesson_runs_and_its_checks_pass(lesson, tmp_path):
         pytest.fail(f"{lesson.name} ran longer than {TIMEOUT_S} s")
     assert result.returncode == 0, (f"{lesson.name} exited with {result.returncode}\n--- stdout (end)\n"
                                     f"{result.stdout[-3000:]}\n--- stderr (end)\n{result.stderr[-3000:]}")
-    pngs = list(tmp_path.glob("*.png"))
-    for png in pngs:
+    for png in lesson_out.glob(f"{lesson.name[:2]}_*.png"):
         assert png.stat().st_size > 1000, f"{lesson.name} wrote a suspiciously small picture {png.name}"
