@@ -38,7 +38,7 @@ print(f"config: {model.config}")
 print(f"{model.num_patches} patches, {model.num_params():,} parameters in {len(model.params)} tensors:")
 for name, value in list(model.params.items())[:14]:
     print(f"  {name:28s} {str(value.shape):14s}")
-print(f"  ... then blocks.1.*, norm.alpha, norm.beta, head.weight, head.bias")
+print("  ... then blocks.1.*, norm.alpha, norm.beta, head.weight, head.bias")
 # The names are the official checkpoint names (REFERENCE.md), so official weights load directly.
 # Every parameter is a VIEW into one flat buffer, and every gradient a view into another:
 show_source(Parameters.__init__, max_lines=22)
