@@ -15,6 +15,7 @@ transpose copies:
 """
 import math
 
+from . import kernels  # optional fused CUDA kernels: `if kernels.available(x)` picks them on the GPU
 from .backend import erf, get_xp
 
 
@@ -23,6 +24,8 @@ from .backend import erf, get_xp
 # ---------------------------------------------------------------------------------------------
 def affine_forward(x, alpha, beta):
     # y = alpha * x + beta    (..., d) -> (..., d)
+    if kernels.available(x):
+        return kernels.affine_forward(x, alpha, beta)
     return alpha * x + beta, (x, alpha)
 
 
@@ -39,7 +42,8 @@ def affine_backward(dy, cache):
 def linear_forward(x, weight, bias):
     # y = x @ W^T + b    (M, d_in) -> (M, d_out);  W: (d_out, d_in)
     y = x @ weight.T
-    y += bias
+    if bias is not None:  # None: the next layer adds b in its own pass (bias_gelu_forward, residual_forward)
+        y += bias
     return y, (x, weight)
 
 
@@ -57,7 +61,8 @@ def token_mixing_forward(tokens, weight, bias):
     # y[n, b, c] = sum_m A[n, m] * x[m, b, c] + bias[n]    (N, B, d) -> (N, B, d), as (N,N) @ (N, B*d)
     patches, images, channels = tokens.shape
     mixed = weight @ tokens.reshape(patches, images * channels)
-    mixed += bias[:, None]
+    if bias is not None:  # None: residual_forward adds it
+        mixed += bias[:, None]
     return mixed.reshape(tokens.shape), (tokens, weight)
 
 
@@ -86,9 +91,19 @@ def gelu_forward(x):
     return x * cdf, (x, cdf)
 
 
+def bias_gelu_forward(x, bias):
+    # y = GELU(x + b): fc1's bias added in GELU's pass; x is overwritten with x + b (GELU's input, cached)
+    if kernels.available(x):
+        return kernels.bias_gelu_forward(x, bias)
+    x += bias
+    return gelu_forward(x)
+
+
 def gelu_backward(dy, cache):
     # dy/dx = Phi(x) + x * phi(x),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)  the standard normal density
     x, cdf = cache
+    if kernels.available(dy):
+        return kernels.gelu_backward(dy, x, cdf)
     xp = get_xp(x)
     slope = xp.exp(-0.5 * x * x)
     slope *= INV_SQRT_2PI * x
@@ -166,6 +181,32 @@ def drop_path_forward(x, mask):
 def drop_path_backward(dy, mask):
     # dx = dy * mask
     return dy * mask[None, :, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# The end of a residual branch: its Linear's bias, LayerScale, drop path, and the add to the skip path.
+# One layer so that the GPU does it in one pass (minimlp.kernels); here it is those layers in a row.
+# ---------------------------------------------------------------------------------------------
+def residual_forward(x, branch, bias, gamma, mask=None):
+    # y = x + mask * gamma * (branch + b)    (N, B, d); b broadcasts, (N, 1, 1) or (d,); mask (B,) or None
+    # branch (a Linear's output without its bias) is overwritten with branch + b: LayerScale's input, cached
+    if kernels.available(x):
+        return kernels.residual_forward(x, branch, bias, gamma, mask)
+    branch += bias
+    scaled, scale = layer_scale_forward(branch, gamma)
+    if mask is not None:
+        scaled, _ = drop_path_forward(scaled, mask)
+    return x + scaled, (scale, mask)
+
+
+def residual_backward(dy, cache):
+    # d(branch) = mask * gamma * dy;  dgamma = sum over patches and images of mask * dy * branch.
+    # The skip path's gradient is dy itself; the caller adds it. db = sum of d(branch): the Linear's backward.
+    scale, mask = cache
+    if kernels.available(dy):
+        return kernels.residual_backward(dy, *scale, mask)
+    dscaled = dy if mask is None else drop_path_backward(dy, mask)
+    return layer_scale_backward(dscaled, scale)
 
 
 # ---------------------------------------------------------------------------------------------

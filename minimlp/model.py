@@ -11,10 +11,10 @@ Parameters and gradients live in two flat buffers (minimlp.parameters); `model.p
 import numpy as np
 
 from . import backend
-from .layers import (affine_backward, affine_forward, drop_path_backward, drop_path_forward, drop_path_mask,
-                     gelu_backward, gelu_forward, layer_scale_backward, layer_scale_forward, linear_backward,
-                     linear_forward, mean_pool_backward, mean_pool_forward, patch_embed_backward,
-                     patch_embed_forward, token_mixing_backward, token_mixing_forward)
+from .layers import (affine_backward, affine_forward, bias_gelu_forward, drop_path_mask, gelu_backward,
+                     linear_backward, linear_forward, mean_pool_backward, mean_pool_forward, patch_embed_backward,
+                     patch_embed_forward, residual_backward, residual_forward, token_mixing_backward,
+                     token_mixing_forward)
 from .parameters import Parameters
 from .weights import WeightsError, read_weights, timm_to_official
 
@@ -44,34 +44,31 @@ def create_model(name, device="cpu", dtype="float32", seed=0, **overrides):
 # One residual block, tokens (N, B, d) -> (N, B, d):
 #   z = x + drop_path(gamma_1 * attn(norm1(x)))          token mixing across patches
 #   y = z + drop_path(gamma_2 * fc2(GELU(fc1(norm2(z)))))  channel MLP, d -> 4d -> d
+# The three Linears leave their bias to the layer after them (GELU, residual_forward), which adds it in
+# its own pass over the activations: on the GPU that pass is one fused kernel (minimlp.kernels).
 # ---------------------------------------------------------------------------------------------
 def block_forward(tokens, p, masks=(None, None)):
     """p: the block's parameters by short name (BLOCK_PARAMETERS); masks: drop-path masks (B,) or None."""
     patches, images, dim = tokens.shape
     normed, norm1 = affine_forward(tokens, p["norm1.alpha"], p["norm1.beta"])
-    mixed, attn = token_mixing_forward(normed, p["attn.weight"], p["attn.bias"])
-    branch, scale1 = layer_scale_forward(mixed, p["gamma_1"])
-    if masks[0] is not None:
-        branch, _ = drop_path_forward(branch, masks[0])
-    middle = tokens + branch
+    mixed, attn = token_mixing_forward(normed, p["attn.weight"], None)
+    middle, residual1 = residual_forward(tokens, mixed, p["attn.bias"][:, None, None], p["gamma_1"], masks[0])
 
     normed, norm2 = affine_forward(middle, p["norm2.alpha"], p["norm2.beta"])
-    hidden, fc1 = linear_forward(normed.reshape(patches * images, dim), p["mlp.fc1.weight"], p["mlp.fc1.bias"])
-    activated, act = gelu_forward(hidden)
-    channel_out, fc2 = linear_forward(activated, p["mlp.fc2.weight"], p["mlp.fc2.bias"])
-    branch, scale2 = layer_scale_forward(channel_out.reshape(tokens.shape), p["gamma_2"])
-    if masks[1] is not None:
-        branch, _ = drop_path_forward(branch, masks[1])
-    return middle + branch, (norm1, attn, scale1, norm2, fc1, act, fc2, scale2, masks)
+    hidden, fc1 = linear_forward(normed.reshape(patches * images, dim), p["mlp.fc1.weight"], None)
+    activated, act = bias_gelu_forward(hidden, p["mlp.fc1.bias"])
+    channel_out, fc2 = linear_forward(activated, p["mlp.fc2.weight"], None)
+    out, residual2 = residual_forward(middle, channel_out.reshape(tokens.shape), p["mlp.fc2.bias"], p["gamma_2"],
+                                      masks[1])
+    return out, (norm1, attn, residual1, norm2, fc1, act, fc2, residual2)
 
 
 def block_backward(dout, cache):
     """dout (N, B, d) -> (dtokens, {short name: gradient}). A residual passes its gradient through
     unchanged and adds the branch's: dx = dy + d(branch)/dx."""
-    norm1, attn, scale1, norm2, fc1, act, fc2, scale2, masks = cache
+    norm1, attn, residual1, norm2, fc1, act, fc2, residual2 = cache
     grads = {}
-    dbranch = dout if masks[1] is None else drop_path_backward(dout, masks[1])
-    dchannel_out, grads["gamma_2"] = layer_scale_backward(dbranch, scale2)
+    dchannel_out, grads["gamma_2"] = residual_backward(dout, residual2)
     dactivated, grads["mlp.fc2.weight"], grads["mlp.fc2.bias"] = linear_backward(
         dchannel_out.reshape(-1, dout.shape[-1]), fc2)
     dhidden = gelu_backward(dactivated, act)
@@ -79,8 +76,7 @@ def block_backward(dout, cache):
     dnormed_middle, grads["norm2.alpha"], grads["norm2.beta"] = affine_backward(dnormed.reshape(dout.shape), norm2)
     dmiddle = dout + dnormed_middle
 
-    dbranch = dmiddle if masks[0] is None else drop_path_backward(dmiddle, masks[0])
-    dmixed, grads["gamma_1"] = layer_scale_backward(dbranch, scale1)
+    dmixed, grads["gamma_1"] = residual_backward(dmiddle, residual1)
     dnormed, grads["attn.weight"], grads["attn.bias"] = token_mixing_backward(dmixed, attn)
     dnormed_tokens, grads["norm1.alpha"], grads["norm1.beta"] = affine_backward(dnormed, norm1)
     return dmiddle + dnormed_tokens, grads
@@ -102,7 +98,7 @@ class ResMLP:
         self.num_patches = (img_size // patch_size) ** 2
         self.parameters = Parameters(self._shapes(), self.xp, self.dtype)
         self.params, self.grads = self.parameters.values, self.parameters.grads
-        self._block_params = [self._block_views(self.params, i) for i in range(depth)]
+        self._block_params = [self.block_parameters(i) for i in range(depth)]
         self.drop_path_rng = np.random.default_rng([seed, 1])  # checkpointed, so resume draws the same masks
         self._cache = None
         self.initialize(seed)
@@ -122,9 +118,9 @@ class ResMLP:
                        "head.bias": (c["num_classes"],)})
         return shapes
 
-    @staticmethod
-    def _block_views(named, i):
-        return {short: named[f"blocks.{i}.{short}"] for short in BLOCK_PARAMETERS}
+    def block_parameters(self, i):
+        """Block i's parameters by short name ("attn.weight", "gamma_1", ...), as block_forward takes them."""
+        return {short: self.params[f"blocks.{i}.{short}"] for short in BLOCK_PARAMETERS}
 
     def initialize(self, seed):
         """The official initialization (REFERENCE.md), drawn on the host so every device gets the same
@@ -150,7 +146,8 @@ class ResMLP:
     # -----------------------------------------------------------------------------------------
     def forward(self, images, train=False):
         """images (B, in_chans, H, W), any array type -> logits (B, num_classes) on the model's device.
-        train=True applies stochastic depth (when drop_path > 0) and keeps what backward needs."""
+        train=True applies stochastic depth (when drop_path > 0). What backward needs is kept either way,
+        until backward() or free_activations() drops it."""
         c = self.config
         images = backend.to_device(images, self.device, self.dtype)
         expected = (c["in_chans"], c["img_size"], c["img_size"])

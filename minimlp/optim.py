@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from . import kernels
 from .backend import to_numpy
 
 
@@ -120,6 +121,9 @@ class AdamW(Optimizer):
         beta1, beta2 = self.betas
         self.step_count += 1
         bias1, bias2 = 1 - beta1 ** self.step_count, 1 - beta2 ** self.step_count
+        if kernels.available(p):  # the GPU: all of the below in one pass over the buffers
+            return kernels.adamw_update(p, g, m, v, self.decay_mask, self.lr * self.weight_decay, self.betas,
+                                        self.lr / bias1, math.sqrt(bias2), self.eps)
         # p <- p - lr * wd * mask * p
         if self.weight_decay:
             p -= (self.lr * self.weight_decay) * self.decay_mask * p
