@@ -3,12 +3,13 @@ import numpy as np
 import pytest
 
 from minimlp import layers
-from minimlp.backend import to_numpy
+from minimlp.backend import get_xp, to_numpy
 from tests.gradcheck import numerical_gradients, relative_error, torch_gradients
 from tests.reference import timm, torch
 
 F = torch.nn.functional
 PATCHES, IMAGES, DIM, HIDDEN = 6, 3, 5, 7  # small, and all different so a swapped axis cannot pass
+MASK = np.array([2.0, 0.0, 2.0])  # a drop-path mask with keep 1/2: image 1 skips the branch
 
 
 def _tokens(rng):
@@ -36,7 +37,29 @@ LAYERS = {
                     layers.layer_scale_forward, layers.layer_scale_backward, lambda x, gamma: gamma * x),
     "mean_pool": (lambda rng: [_tokens(rng)], layers.mean_pool_forward, layers.mean_pool_backward,
                   lambda x: x.mean(dim=0)),
+    # The two layers that overwrite an input with (input + bias) get a copy, so a finite-difference
+    # probe that calls them again sees the unchanged input.
+    "bias_gelu": (lambda rng: [3 * rng.normal(size=(PATCHES * IMAGES, HIDDEN)), rng.normal(size=HIDDEN)],
+                  lambda x, bias: layers.bias_gelu_forward(x.copy(), bias),
+                  lambda dy, cache: _with_bias_gradient(layers.gelu_backward(dy, cache), axes=(0,)),
+                  lambda x, bias: torch.nn.GELU()(x + bias)),
+    "residual": (lambda rng: [_tokens(rng), _tokens(rng), rng.normal(size=(PATCHES, 1, 1)), rng.normal(size=DIM)],
+                 lambda x, branch, bias, gamma: layers.residual_forward(x, branch.copy(), bias, gamma,
+                                                                                       get_xp(x).asarray(MASK)),
+                 lambda dy, cache: _residual_gradients(dy, cache),
+                 lambda x, branch, bias, gamma: x + torch.from_numpy(MASK)[None, :, None] * gamma * (branch + bias)),
 }
+
+
+def _with_bias_gradient(dx, axes):
+    """(dx,) -> (dx, dbias): a bias added before the layer gets the sum of dx over the broadcast axes."""
+    return dx, dx.sum(axis=axes)
+
+
+def _residual_gradients(dy, cache):
+    """residual_backward gives d(branch) and dgamma; the skip path's dx = dy and the bias's sum complete it."""
+    dbranch, dgamma = layers.residual_backward(dy, cache)
+    return dy, dbranch, dbranch.sum(axis=(1, 2), keepdims=True), dgamma
 
 
 def _run(name, xp, seed=0):
