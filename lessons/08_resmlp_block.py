@@ -50,9 +50,12 @@ def random_block(gamma):
 # ---------------------------------------------------------------------------------------------
 heading("1. The block, as the library writes it")
 show_source(block_forward)
-# Read the two halves: Affine -> token mixing -> LayerScale (-> drop path) -> add; then
-# Affine -> fc1 -> GELU -> fc2 -> LayerScale (-> drop path) -> add. The MLP sees (N*B, d) rows,
-# a free reshape of the (N, B, d) tokens (lesson 3).
+# Read the two halves: Affine -> token mixing -> [bias, LayerScale, drop path, add]; then
+# Affine -> fc1 -> [bias, GELU] -> fc2 -> [bias, LayerScale, drop path, add]. The bracketed steps are
+# one layer each (layers.bias_gelu_forward, layers.residual_forward): on the CPU they are the plain
+# layers in a row, on the GPU one fused kernel pass (lesson 12). That is why the Linears are called
+# with bias None: the next layer adds the bias in its own pass. The MLP sees (N*B, d) rows, a free
+# reshape of the (N, B, d) tokens (lesson 3).
 show_source(block_backward)
 # Read it bottom-up against the forward: the same layers in reverse. At each residual the
 # gradient forks: `dmiddle = dout + dnormed_middle` is "the gradient that skipped the branch plus
