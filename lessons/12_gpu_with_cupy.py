@@ -132,18 +132,14 @@ else:
     # round more): equal to ~1e-5, not bit for bit.
     check(logits_gap < 1e-3 and grads_gap < 1e-3, "the same model gives the same logits and gradients on GPU and CPU")
 
-    # A fused GELU backward: one kernel, the formula per element. The plain xp code above remains
-    # the reference; a fast path is only trusted once it matches it.
-    fused_gelu_backward = cupy.ElementwiseKernel(
-        "T dy, T x, T cdf", "T dx",
-        "dx = dy * (cdf + x * exp((T)-0.5 * x * x) * (T)0.3989422804014327)",  # 1/sqrt(2 pi)
-        "fused_gelu_backward")
+    # The library's fused GELU backward (minimlp.kernels): one kernel, the formula per element.
+    # layers.gelu_backward takes it on CuPy arrays; with kernels.enabled = False it runs the plain
+    # xp lines above, the reference the fast path is only trusted once it matches.
+    from minimlp import kernels
+    show_source(kernels.gelu_backward)
     x_gpu = cupy.asarray(np.random.default_rng(2).normal(size=196 * 128 * 1536).astype(np.float32))
     _, gpu_cache = layers.gelu_forward(x_gpu)
     dy_gpu = cupy.asarray(np.random.default_rng(3).normal(size=x_gpu.size).astype(np.float32))
-    reference = layers.gelu_backward(dy_gpu, gpu_cache)
-    fused = fused_gelu_backward(dy_gpu, *gpu_cache)
-    check(float(cupy.abs(fused - reference).max()) < 1e-5, "the fused kernel equals the library's plain xp gelu_backward")
 
     def gpu_time(function, repeats=20):
         function()
@@ -154,8 +150,14 @@ else:
         cupy.cuda.Device().synchronize()  # GPU work is asynchronous: wait before reading the clock
         return (time.perf_counter() - start) / repeats
 
-    print(f"GPU, {x_gpu.size / 1e6:.1f} M floats: plain xp gelu_backward {gpu_time(lambda: layers.gelu_backward(dy_gpu, gpu_cache)) * 1e3:.2f} ms, "
-          f"fused {gpu_time(lambda: fused_gelu_backward(dy_gpu, *gpu_cache)) * 1e3:.2f} ms")
+    kernels.enabled = False
+    reference = layers.gelu_backward(dy_gpu, gpu_cache)
+    plain_ms = gpu_time(lambda: layers.gelu_backward(dy_gpu, gpu_cache)) * 1e3
+    kernels.enabled = True
+    fused = layers.gelu_backward(dy_gpu, gpu_cache)
+    fused_ms = gpu_time(lambda: layers.gelu_backward(dy_gpu, gpu_cache)) * 1e3
+    check(float(cupy.abs(fused - reference).max()) < 1e-5, "the fused kernel equals the library's plain xp gelu_backward")
+    print(f"GPU, {x_gpu.size / 1e6:.1f} M floats: plain xp gelu_backward {plain_ms:.2f} ms, fused {fused_ms:.2f} ms")
 
 check(backend.to_numpy(logits_cpu).shape == (8, 10) and np.isfinite(grads_cpu).all(),
       "the model ran forward and backward on this machine's default device")
@@ -166,8 +168,9 @@ check(backend.to_numpy(logits_cpu).shape == (8, 10) and np.isfinite(grads_cpu).a
 #    backend's erf), which is why they run on CuPy unchanged. Now look at minimlp/model.py: where
 #    does it use np, and why is that fine? -> for host-side things: initialization drawn on the CPU
 #    (the same numbers on every device), dtypes, drop-path masks drawn with a NumPy Generator.
-# 2. Write a fused kernel for the GELU forward with cupy.ElementwiseKernel (needs a GPU). Hint:
-#    CUDA has erff() for float32; output both y and cdf, as gelu_forward's cache needs it.
+# 2. Read minimlp/kernels.py's bias_gelu_forward: which arrays does it read and write, and how many
+#    passes over memory does the plain bias_gelu_forward in layers.py make? Hint: count the xp
+#    operations in gelu_forward, plus the `x += bias`.
 # 3. In section 3, count the bytes of ONE ResMLP-S12 training step that elementwise layers move
 #    (Affine, LayerScale, GELU, residual adds), and compare with the 18 GFLOP of matmuls at ~500
 #    TFLOP/s. -> elementwise work is memory-bound and can cost as much time as the matmuls.
