@@ -2,6 +2,7 @@
 
     python train.py                                   # the built-in demo: resmlp_tiny on shapes10, CPU
     python train.py --device gpu --data imagenet/     # ResMLP-S12 on ImageNet (DATA/train, DATA/val)
+    python train.py --device gpu --amp --data imagenet/   # the same with float16 matmuls (mixed precision)
     python train.py --resume runs/X/checkpoint.npz    # continue a run exactly where it stopped
     python train.py --eval-only --resume W --data D   # top-1/top-5 of a checkpoint or published weights
 
@@ -19,6 +20,7 @@ from minimlp.checkpoint import is_training_checkpoint, load_checkpoint
 from minimlp.datasets import DataError, load_datasets
 from minimlp.loader import Loader
 from minimlp.model import PRESETS
+from minimlp.precision import AMP_DTYPE, LossScaler
 from minimlp.synthetic import ensure_shapes_dataset
 from minimlp.trainer import Interrupted, Trainer, evaluate, make_optimizer
 from minimlp.weights import WeightsError, read_weights
@@ -30,11 +32,11 @@ DEMO_DEFAULTS = dict(model="resmlp_tiny", img_size=32, scale=(0.35, 1.0), batch_
 DATA_DEFAULTS = dict(model="resmlp_s12", img_size=224, scale=(0.08, 1.0), batch_size=256, epochs=300, lr=None, warmup_epochs=5,
                      drop_path=0.05)
 COMMON_DEFAULTS = dict(crop_pct=0.875, opt="adamw", weight_decay=0.05, warmup_lr=1e-6, min_lr=1e-5, smoothing=0.1,
-                       clip_grad=0.0, seed=0)
-# What a resumed run takes from its checkpoint unless the flag is given again (not: device, workers, output)
+                       clip_grad=0.0, seed=0, amp=False)
+# What a resumed run takes from its checkpoint unless the flag is given again (not: device, tf32, workers, output)
 RESUMED_SETTINGS = ["data", "model", "img_size", "patch_size", "crop_pct", "scale", "batch_size", "epochs", "opt", "lr",
                     "weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "smoothing", "clip_grad", "drop_path",
-                    "seed"]
+                    "seed", "amp"]
 
 
 def parse_args(argv=None):
@@ -69,6 +71,12 @@ def parse_args(argv=None):
     a("--seed", type=int, help="seed of initialization, shuffling, augmentation and drop path (default 0)")
     a("--device", choices=["auto", "cpu", "gpu"], default="auto",
       help="auto (the default) takes the GPU when CuPy and a GPU are present, and says which it chose")
+    a("--tf32", action=argparse.BooleanOptionalAction, default=True,
+      help="GPU: float32 matrix products on TF32 tensor cores (10-bit mantissa inputs, float32 accumulation; "
+           "default on); --no-tf32 for full float32")
+    a("--amp", action=argparse.BooleanOptionalAction,
+      help=f"mixed precision: {AMP_DTYPE.name} matrix-product inputs with float32 accumulation, float32 weights "
+           "and optimizer state, dynamic loss scaling (default off; works on the CPU too, emulated)")
     a("--output", type=Path, help="run folder for log.jsonl, checkpoint.npz, best.npz (default: runs/<model>-<time>, "
                                   "or the resumed checkpoint's folder)")
     a("--resume", type=Path, help="continue from a checkpoint.npz exactly; with --eval-only also published weights "
@@ -113,15 +121,23 @@ def main(argv=None):
     except (DataError, WeightsError, backend.DeviceError, ValueError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except backend.out_of_memory_errors() as error:
+        print(f"error: the GPU ran out of memory with --batch-size {args.batch_size} ({error}): "
+              f"try a smaller --batch-size, e.g. {max(args.batch_size // 2, 1)}", file=sys.stderr)
+        return 2
 
 
 def run(args):
     checkpoint = resume_state(args)
     meta = checkpoint[2] if checkpoint else None
     complete_settings(args, meta)
+    backend.set_tf32(args.tf32)  # before any GPU work: CuPy reads it at its first float32 matmul
     device = backend.resolve_device(args.device)
     print(f"device: {device}" + (" (auto: no CUDA GPU with CuPy found)" if args.device == "auto" and device == "cpu"
-                                 else ""))
+                                 else f" (TF32 matmuls {'on' if args.tf32 else 'off'})" if device == "gpu" else ""))
+    if args.amp:
+        print(f"mixed precision: {AMP_DTYPE.name} matmul inputs, float32 accumulation, weights and optimizer state; "
+              "dynamic loss scaling" + (" (emulated on the CPU: slower, not faster)" if device == "cpu" else ""))
     data = args.data
     if data is None:
         data = ensure_shapes_dataset()
@@ -138,13 +154,14 @@ def run(args):
     if args.eval_only:
         model.load_state_dict(checkpoint[0])
         with val_loader:
-            metrics = evaluate(model, val_loader)
+            metrics = evaluate(model, val_loader, amp=args.amp)
         print(f"{args.resume}: top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  "
               f"val loss {metrics['val_loss']:.4f}  ({len(val_set)} images)")
         return 0
     train_loader = Loader(train_set, args.batch_size, train=True, img_size=args.img_size, scale=tuple(args.scale),
                           seed=args.seed, workers=args.workers)
     optimizer = make_optimizer(args.opt, model, args.lr, args.weight_decay)
+    scaler = LossScaler() if args.amp else None
     position = None
     if checkpoint:
         weights, optimizer_state, meta = checkpoint
@@ -152,6 +169,8 @@ def run(args):
         optimizer.load_state_dict(optimizer_state)
         model.drop_path_rng.bit_generator.state = meta["drop_path_rng"]
         position = meta["position"]
+        if scaler is not None and meta.get("loss_scaler"):  # an AMP run goes on with its loss scale
+            scaler.load_state_dict(meta["loss_scaler"])
         print(f"resumed from {args.resume}: epoch {position['epoch'] + 1}, batch {position['batch']}")
     output = args.output or (args.resume.parent if args.resume else
                              Path("runs") / f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -160,7 +179,7 @@ def run(args):
     print(f"output: {output}")
     with train_loader, val_loader:
         trainer = Trainer(model, optimizer, train_loader, val_loader, train_set.classes, settings_of(args), output,
-                          position)
+                          position, scaler)
         record = trainer.fit()
     if record:
         print(f"done: top-1 {record['val_top1']:.2f}%, top-5 {record['val_top5']:.2f}% after {record['epoch']} "

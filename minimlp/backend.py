@@ -4,6 +4,7 @@ Every other module writes its array code once against `xp`, the array module of 
 it is handed (`get_xp(array)`) or of the device it was built for (`Backend.xp`).
 """
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -54,6 +55,20 @@ def set_tf32(enabled):
     """TF32 tensor cores for float32 matmuls on the GPU. CuPy reads CUPY_TF32 at its first matmul,
     so this must run before any GPU work; it has no effect on the CPU."""
     os.environ["CUPY_TF32"] = "1" if enabled else "0"
+
+
+def gpu_memory_held_bytes():
+    """Bytes that CuPy's memory pool holds on the GPU. The pool keeps freed blocks for reuse instead of
+    returning them, so this is the high-water mark of what the run has had allocated at once (plus
+    rounding and fragmentation), which is what decides an out-of-memory error."""
+    return get_module("gpu").get_default_memory_pool().total_bytes()
+
+
+def out_of_memory_errors():
+    """The exception classes that mean "the GPU ran out of memory", for an `except` clause: CuPy's, if
+    CuPy has been imported, else none (a CPU-only run never imports CuPy just to name an exception)."""
+    cupy = sys.modules.get("cupy")
+    return (cupy.cuda.memory.OutOfMemoryError,) if cupy is not None else ()
 
 
 def get_module(device):

@@ -17,6 +17,7 @@ import math
 
 from . import kernels  # optional fused CUDA kernels: `if kernels.available(x)` picks them on the GPU
 from .backend import erf, get_xp
+from .precision import matmul  # every matrix product: plain, or float16 operands under --amp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,7 +42,7 @@ def affine_backward(dy, cache):
 # ---------------------------------------------------------------------------------------------
 def linear_forward(x, weight, bias):
     # y = x @ W^T + b    (M, d_in) -> (M, d_out);  W: (d_out, d_in)
-    y = x @ weight.T
+    y = matmul(x, weight.T)
     if bias is not None:  # None: the next layer adds b in its own pass (bias_gelu_forward, residual_forward)
         y += bias
     return y, (x, weight)
@@ -50,7 +51,7 @@ def linear_forward(x, weight, bias):
 def linear_backward(dy, cache):
     # dx = dy @ W;  dW = dy^T @ x;  db = sum_rows(dy)
     x, weight = cache
-    return dy @ weight, dy.T @ x, dy.sum(axis=0)
+    return matmul(dy, weight), matmul(dy.T, x), dy.sum(axis=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,7 +61,7 @@ def linear_backward(dy, cache):
 def token_mixing_forward(tokens, weight, bias):
     # y[n, b, c] = sum_m A[n, m] * x[m, b, c] + bias[n]    (N, B, d) -> (N, B, d), as (N,N) @ (N, B*d)
     patches, images, channels = tokens.shape
-    mixed = weight @ tokens.reshape(patches, images * channels)
+    mixed = matmul(weight, tokens.reshape(patches, images * channels))
     if bias is not None:  # None: residual_forward adds it
         mixed += bias[:, None]
     return mixed.reshape(tokens.shape), (tokens, weight)
@@ -71,8 +72,8 @@ def token_mixing_backward(dy, cache):
     tokens, weight = cache
     patches = tokens.shape[0]
     dy_2d = dy.reshape(patches, -1)
-    dx = (weight.T @ dy_2d).reshape(tokens.shape)
-    return dx, dy_2d @ tokens.reshape(patches, -1).T, dy_2d.sum(axis=1)
+    dx = matmul(weight.T, dy_2d).reshape(tokens.shape)
+    return dx, matmul(dy_2d, tokens.reshape(patches, -1).T), dy_2d.sum(axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,11 +145,11 @@ def patch_embed_backward(dtokens, cache, need_dimages=True):
     linear_cache, image_shape, weight_shape = cache
     patches, weight = linear_cache
     dtokens_2d = dtokens.reshape(-1, dtokens.shape[-1])
-    dweight = (dtokens_2d.T @ patches).reshape(weight_shape)
+    dweight = matmul(dtokens_2d.T, patches).reshape(weight_shape)
     dbias = dtokens_2d.sum(axis=0)
     if not need_dimages:  # the input images need no gradient in training: skip a whole matmul
         return None, dweight, dbias
-    dpatches = (dtokens_2d @ weight).reshape(dtokens.shape[0], dtokens.shape[1], -1)
+    dpatches = matmul(dtokens_2d, weight).reshape(dtokens.shape[0], dtokens.shape[1], -1)
     return patches_to_images(dpatches, image_shape, weight_shape[-1]), dweight, dbias
 
 

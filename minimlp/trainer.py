@@ -2,8 +2,8 @@
 an evaluation each epoch, a log line and a checkpoint each epoch, exact resume, Ctrl-C saves.
 
 The state that makes resume exact (and that a checkpoint therefore holds): the weights, the
-optimizer's moments and step, the drop-path generator, and where the run stands (epoch, next batch,
-global step, the partial epoch's loss sum). Batches depend only on (seed, epoch, batch index)
+optimizer's moments and step, the drop-path generator, the loss scaler under --amp (minimlp.precision),
+and where the run stands (epoch, next batch, global step, the partial epoch's loss sum). Batches depend only on (seed, epoch, batch index)
 (minimlp.loader), and the learning rate only on the global step (minimlp.schedule).
 """
 import json
@@ -15,10 +15,11 @@ from tqdm import tqdm
 
 from . import backend
 from .checkpoint import save_checkpoint
+from .device_feed import DeviceFeed
 from .losses import cross_entropy
 from .optim import AdamW, Lamb, clip_grad_norm
+from .precision import autocast
 from .schedule import lr_at
-from .transforms import normalize
 
 
 class Interrupted(Exception):
@@ -41,23 +42,19 @@ def topk_correct(logits, labels, ks=(1, 5)):
     return [int(hits[:, :k].any(axis=1).sum()) for k in ks]
 
 
-def to_device_batch(model, images, labels):
-    """uint8 host batch -> normalized float images and labels on the model's device."""
-    device_images = backend.to_device(images, model.device)
-    return normalize(device_images, dtype=model.dtype), backend.to_device(labels, model.device)
-
-
-def evaluate(model, loader):
-    """Mean loss (no label smoothing) and top-1/top-5 in percent over every batch of `loader`."""
+def evaluate(model, loader, feed=None, amp=False):
+    """Mean loss (no label smoothing) and top-1/top-5 in percent over every batch of `loader`.
+    amp: float16 matrix products, as in training with --amp."""
+    feed = feed or DeviceFeed(model.device, model.dtype)
     loss_sum, top1, top5, count = 0.0, 0, 0, 0
-    for images, labels in tqdm(loader.epoch(0), total=len(loader), desc="eval", unit="batch", dynamic_ncols=True,
-                               leave=False):
-        x, y = to_device_batch(model, images, labels)
-        logits = model.forward(x)
+    for x, y in tqdm(feed.batches(loader.epoch(0)), total=len(loader), desc="eval", unit="batch",
+                     dynamic_ncols=True, leave=False):
+        with autocast(amp):
+            logits = model.forward(x)
         loss, _ = cross_entropy(logits, y)
         hits1, hits5 = topk_correct(logits, y)
-        loss_sum += float(loss) * len(labels)
-        top1, top5, count = top1 + hits1, top5 + hits5, count + len(labels)
+        loss_sum += float(loss) * len(y)
+        top1, top5, count = top1 + hits1, top5 + hits5, count + len(y)
     model.free_activations()
     return dict(val_loss=loss_sum / count, val_top1=100.0 * top1 / count, val_top5=100.0 * top5 / count)
 
@@ -84,13 +81,18 @@ class CtrlC:
 
 class Trainer:
     """Wires a model, an optimizer and two loaders to the loop. `settings` is the run's configuration
-    (train.py's parsed flags as a dict); `position` where to continue (from a checkpoint)."""
+    (train.py's parsed flags as a dict); `position` where to continue (from a checkpoint); `scaler` a
+    precision.LossScaler for mixed precision (--amp), None for float32 throughout."""
 
-    def __init__(self, model, optimizer, train_loader, val_loader, classes, settings, output, position=None):
+    def __init__(self, model, optimizer, train_loader, val_loader, classes, settings, output, position=None,
+                 scaler=None):
         self.model, self.optimizer = model, optimizer
         self.train_loader, self.val_loader = train_loader, val_loader
         self.classes, self.settings, self.output = classes, settings, output
+        self.scaler = scaler
         self.xp = model.xp
+        self.feed = DeviceFeed(model.device, model.dtype)
+        self.peak_gpu_bytes = 0  # sampled after every step (GPU only)
         steps_per_epoch = len(train_loader)
         self.total_steps = settings["epochs"] * steps_per_epoch
         self.warmup_steps = min(int(settings["warmup_epochs"] * steps_per_epoch), self.total_steps - 1)
@@ -119,16 +121,19 @@ class Trainer:
                    dynamic_ncols=True, leave=False)
         started = time.perf_counter()
         seconds_before = p["seconds"]
-        for images, labels in loader.epoch(epoch, start_batch=p["batch"]):
-            loss = self.train_step(images, labels)
-            p["loss_sum"] += loss * len(labels)
-            p["images"] += len(labels)
+        for x, y in self.feed.batches(loader.epoch(epoch, start_batch=p["batch"])):
+            loss = self.train_step(x, y)
+            p["loss_sum"] += loss * len(y)
+            p["images"] += len(y)
             p["batch"] += 1
             p["global_step"] += 1
             p["seconds"] = seconds_before + time.perf_counter() - started
+            if self.model.device == "gpu":
+                self.peak_gpu_bytes = max(self.peak_gpu_bytes, backend.gpu_memory_held_bytes())
             bar.update()
             bar.set_postfix(loss=f"{p['loss_sum'] / p['images']:.4f}", lr=f"{self.optimizer.lr:.2e}",
-                            img_s=f"{p['images'] / max(p['seconds'], 1e-9):.0f}", refresh=False)
+                            img_s=f"{p['images'] / max(p['seconds'], 1e-9):.0f}", refresh=False,
+                            **({} if self.scaler is None else dict(skipped=self.scaler.skipped_steps)))
             if ctrl_c.pressed:
                 bar.close()
                 self.save("checkpoint.npz")
@@ -136,22 +141,35 @@ class Trainer:
                                   f"continue with --resume {self.output / 'checkpoint.npz'}")
         bar.close()
 
-    def train_step(self, images, labels):
-        """One optimizer step on a uint8 batch; returns the batch's mean loss as a float."""
+    def train_step(self, x, y):
+        """One optimizer step on a normalized batch on the device; returns the batch's mean loss as a float.
+        Under --amp a step whose gradients hold inf or NaN is skipped (the loss scaler lowers its scale)."""
         s = self.settings
-        x, y = to_device_batch(self.model, images, labels)
-        logits = self.model.forward(x, train=True)
-        loss, dlogits = cross_entropy(logits, y, smoothing=s["smoothing"])
-        self.model.backward(dlogits)
-        if s["clip_grad"]:
-            clip_grad_norm(self.model.parameters, s["clip_grad"])
-        self.optimizer.lr = self.learning_rate(self.position["global_step"])
-        self.optimizer.step()
+        with autocast(self.scaler is not None):
+            logits = self.model.forward(x, train=True)
+            loss, dlogits = cross_entropy(logits, y, smoothing=s["smoothing"])
+            self.model.backward(dlogits if self.scaler is None else self.scaler.scale_gradient(dlogits))
+        finite = self.scaler is None or self.scaler.unscale(self.model.parameters)
+        if finite:
+            if s["clip_grad"]:
+                clip_grad_norm(self.model.parameters, s["clip_grad"])
+            self.optimizer.lr = self.learning_rate(self.position["global_step"])
+            self.optimizer.step()
+        if self.scaler is not None:
+            self.update_scaler(finite)
         loss = float(loss)
         if not np.isfinite(loss):
             raise FloatingPointError(f"the training loss became {loss} at step {self.position['global_step']}: "
                                      "lower --lr, or set --clip-grad")
         return loss
+
+    def update_scaler(self, finite):
+        scale = self.scaler.scale
+        self.scaler.update(finite)
+        if not finite:
+            tqdm.write(f"step {self.position['global_step'] + 1}: inf/NaN gradients at loss scale {scale:g}, "
+                       f"step skipped (loss scale now {self.scaler.scale:g}; "
+                       f"{self.scaler.skipped_steps} skipped so far)")
 
     def end_epoch(self, ctrl_c):
         """Evaluate, log, checkpoint, and move the position to the next epoch."""
@@ -160,14 +178,21 @@ class Trainer:
             self.save("checkpoint.npz")
             raise Interrupted(f"stopped after the training part of epoch {p['epoch'] + 1}; continue with "
                               f"--resume {self.output / 'checkpoint.npz'}")
-        metrics = evaluate(self.model, self.val_loader)
+        metrics = evaluate(self.model, self.val_loader, self.feed, amp=self.scaler is not None)
         record = dict(epoch=p["epoch"] + 1, train_loss=p["loss_sum"] / max(p["images"], 1), **metrics,
                       lr=self.optimizer.lr, images_per_s=p["images"] / max(p["seconds"], 1e-9),
                       seconds=p["seconds"])
+        extra = ""
+        if self.scaler is not None:  # AMP runs only: steps skipped so far in the run, and the loss scale now
+            record.update(skipped_steps=self.scaler.skipped_steps, loss_scale=self.scaler.scale)
+            extra += f"  {record['skipped_steps']} skipped steps"
+        if self.model.device == "gpu":  # GPU runs only
+            record["peak_gpu_mem_gb"] = self.peak_gpu_bytes / 1e9
+            extra += f"  peak GPU memory {record['peak_gpu_mem_gb']:.2f} GB"
         tqdm.write(f"epoch {record['epoch']}/{s['epochs']}  train loss {record['train_loss']:.4f}  "
                    f"val loss {record['val_loss']:.4f}  top-1 {record['val_top1']:.2f}%  "
                    f"top-5 {record['val_top5']:.2f}%  lr {record['lr']:.2e}  "
-                   f"{record['images_per_s']:.0f} img/s  {record['seconds']:.1f} s")
+                   f"{record['images_per_s']:.0f} img/s  {record['seconds']:.1f} s" + extra)
         with open(self.output / "log.jsonl", "a") as log:
             log.write(json.dumps(record) + "\n")
         improved = p["best_top1"] is None or record["val_top1"] > p["best_top1"]
@@ -182,5 +207,6 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
     def save(self, filename):
         meta = dict(position=self.position, classes=self.classes, model=self.model.config, settings=self.settings,
-                    drop_path_rng=self.model.drop_path_rng.bit_generator.state)
+                    drop_path_rng=self.model.drop_path_rng.bit_generator.state,
+                    loss_scaler=None if self.scaler is None else self.scaler.state_dict())
         save_checkpoint(self.output / filename, self.model.state_dict(), self.optimizer.state_dict(), meta)
