@@ -106,8 +106,11 @@ def gelu_backward(dy, cache):
     if kernels.available(dy):
         return kernels.gelu_backward(dy, x, cdf)
     xp = get_xp(x)
-    slope = xp.exp(-0.5 * x * x)
-    slope *= INV_SQRT_2PI * x
+    slope = x * x  # then updated in place, step by step: one array instead of a temporary per operation
+    slope *= -0.5
+    xp.exp(slope, out=slope)
+    slope *= x
+    slope *= INV_SQRT_2PI
     slope += cdf
     slope *= dy
     return slope
