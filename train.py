@@ -27,8 +27,8 @@ from minimlp.weights import WeightsError, read_weights
 
 # Defaults, in order of precedence after the flags themselves: a resumed checkpoint's settings, then
 # those of the kind of run (the demo without --data, or a real dataset such as ImageNet), then COMMON.
-DEMO_DEFAULTS = dict(model="resmlp_tiny", img_size=32, scale=(0.35, 1.0), batch_size=128, epochs=15, lr=2e-3, warmup_epochs=1,
-                     drop_path=0.0)
+DEMO_DEFAULTS = dict(model="resmlp_tiny", img_size=32, scale=(0.6, 1.0), batch_size=128, epochs=15, lr=3e-3,
+                     warmup_epochs=1, drop_path=0.0)
 DATA_DEFAULTS = dict(model="resmlp_s12", img_size=224, scale=(0.08, 1.0), batch_size=256, epochs=300, lr=None, warmup_epochs=5,
                      drop_path=0.05)
 COMMON_DEFAULTS = dict(crop_pct=0.875, opt="adamw", weight_decay=0.05, warmup_lr=1e-6, min_lr=1e-5, smoothing=0.1,
@@ -52,11 +52,11 @@ def parse_args(argv=None):
     a("--patch-size", type=int, help="patch size (default: the preset's: 4 tiny, 16 S12/S24/S36, 8 B24)")
     a("--crop-pct", type=float, help="eval: resize to img_size/crop_pct then center crop (default 0.875; paper 0.9)")
     a("--scale", type=float, nargs=2, metavar=("MIN", "MAX"),
-      help="RandomResizedCrop area range of the training crops (default: 0.35 1 demo, 0.08 1 with --data)")
+      help="RandomResizedCrop area range of the training crops (default: 0.6 1 demo, 0.08 1 with --data)")
     a("--batch-size", type=int, help="images per step (default: 128 demo, 256 with --data)")
     a("--epochs", type=int, help="epochs (default: 15 demo, 300 with --data)")
     a("--opt", choices=["adamw", "lamb"], help="optimizer (default adamw; the paper uses lamb)")
-    a("--lr", type=float, help="peak learning rate (default: 2e-3 demo; 5e-4 * batch_size / 512 with --data, "
+    a("--lr", type=float, help="peak learning rate (default: 3e-3 demo; 5e-4 * batch_size / 512 with --data, "
                                "DeiT's rule)")
     a("--weight-decay", type=float, help="decoupled weight decay on matrices, never on 1-D parameters (default 0.05)")
     a("--warmup-epochs", type=float, help="epochs of linear warmup from --warmup-lr (default: 1 demo, 5 with --data)")
