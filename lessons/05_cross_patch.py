@@ -23,9 +23,7 @@ What you will see:
 Run: python lessons/05_cross_patch.py
 """
 # _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
-from _lesson import check, heading, save_figure, show_source
-
-import time
+from _lesson import best_of, check, heading, save_figure, show_source
 
 import numpy as np
 
@@ -67,15 +65,6 @@ check(not np.shares_memory(patch_rows_from_batch_first, stored_batch_first),
 big = rng.normal(size=(196, 16, 384)).astype(np.float32)
 big_A = rng.normal(size=(196, 196)).astype(np.float32)
 big_batch_first = np.ascontiguousarray(big.transpose(1, 0, 2))
-
-
-def best_of(function, repeats=5):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 one_matmul = best_of(lambda: big_A @ big.reshape(196, -1))

@@ -21,7 +21,7 @@ fused GELU backward checked against the plain xp code. Without a GPU those parts
 Run: python lessons/12_gpu_with_cupy.py
 """
 # _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
-from _lesson import check, heading, show_source
+from _lesson import best_of, check, heading, show_source
 
 import time
 
@@ -94,15 +94,6 @@ print(f"unfused ~{unfused_transfers} array transfers = {unfused_transfers * arra
 x = np.random.default_rng(1).normal(size=4_000_000).astype(np.float32)
 _, cache = layers.gelu_forward(x)
 dy = np.ones_like(x)
-
-
-def best_of(function, repeats=5):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 plain_time = best_of(lambda: layers.gelu_backward(dy, cache))

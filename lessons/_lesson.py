@@ -8,6 +8,7 @@ import inspect
 import os
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 # The lessons multiply small matrices. At these sizes one BLAS thread is the fastest, and on a busy
@@ -68,3 +69,13 @@ def save_figure(figure, name):
     plt.close(figure)
     print(f"  picture written: {path}")
     return path
+
+
+def best_of(function, repeats=5):
+    """The fastest of `repeats` timed calls of function(), in seconds (the least disturbed run)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return min(times)
