@@ -108,6 +108,19 @@ def complete_settings(args, meta):
     for flag, value in [("--smoothing", args.smoothing), ("--drop-path", args.drop_path)]:
         if not 0 <= value < 1:
             raise ValueError(f"{flag} must be in [0, 1), got {value}")
+    for flag, value in [("--lr", args.lr), ("--crop-pct", args.crop_pct)]:
+        if not value > 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
+    for flag, value in [("--weight-decay", args.weight_decay), ("--warmup-epochs", args.warmup_epochs),
+                        ("--warmup-lr", args.warmup_lr), ("--min-lr", args.min_lr), ("--clip-grad", args.clip_grad)]:
+        if value < 0:
+            raise ValueError(f"{flag} must be 0 or more, got {value}")
+    if args.crop_pct > 1:
+        raise ValueError(f"--crop-pct must be at most 1 (the crop is that fraction of the resized image), "
+                         f"got {args.crop_pct}")
+    low, high = args.scale
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"--scale MIN MAX needs 0 < MIN <= MAX <= 1 (fractions of the image area), got {low} {high}")
     return args
 
 
@@ -124,6 +137,9 @@ def main(argv=None):
     except backend.out_of_memory_errors() as error:
         print(f"error: the GPU ran out of memory with --batch-size {args.batch_size} ({error}): "
               f"try a smaller --batch-size, e.g. {max(args.batch_size // 2, 1)}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a file or folder the run cannot read or write, e.g. --output without permission
+        print(f"error: {error}", file=sys.stderr)
         return 2
 
 

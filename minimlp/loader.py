@@ -173,9 +173,10 @@ def load_batch(task):
         except UNREADABLE_IMAGE_ERRORS as error:
             failures.append((path, f"{type(error).__name__}: {error}"))
     if not images:
-        raise DataError("every image of a batch failed to load: " +
-                        "; ".join(f"{path} ({reason})" for path, reason in failures) +
-                        ". Check that these files are images (and that the --data path is right).")
+        shown = "; ".join(f"{path} ({reason})" for path, reason in failures[:3])
+        more = f" and {len(failures) - 3} more" if len(failures) > 3 else ""
+        raise DataError(f"every image of a batch failed to load: {shown}{more}. Check that these files are "
+                        "images (and that the --data path is right).")
     return np.stack(images), np.asarray(labels, dtype=np.int64), failures
 
 

@@ -168,6 +168,10 @@ def test_bad_flags(tmp_path, shapes):
     _fails_clearly(train("--data", shapes, "--batch-size", 100000, *TINY, check=False), "--batch-size 100000")
     _fails_clearly(train("--data", shapes, "--epochs", 0, check=False), "--epochs")
     _fails_clearly(train("--eval-only", check=False), "--eval-only needs --resume")
+    for flags, named in [(["--scale", "1", "0.5"], "--scale"), (["--crop-pct", "0"], "--crop-pct"),
+                         (["--lr", "-1"], "--lr"), (["--weight-decay", "-0.1"], "--weight-decay"),
+                         (["--drop-path", "1"], "--drop-path")]:
+        _fails_clearly(train("--data", shapes, *flags, check=False), named)
     if not gpu_available():
         _fails_clearly(train("--device", "gpu", check=False), "--device gpu")
 
