@@ -131,6 +131,9 @@ def main(argv=None):
     except Interrupted as stop:
         print(stop, file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (scanning data, evaluating), or a second one
+        print("interrupted", file=sys.stderr)
+        return 130
     except (DataError, WeightsError, backend.DeviceError, ValueError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -183,6 +186,7 @@ def run(args):
         weights, optimizer_state, meta = checkpoint
         model.load_state_dict(weights)
         optimizer.load_state_dict(optimizer_state)
+        optimizer.weight_decay = args.weight_decay  # the flag wins over the checkpoint's (which it defaults to)
         model.drop_path_rng.bit_generator.state = meta["drop_path_rng"]
         position = meta["position"]
         if scaler is not None and meta.get("loss_scaler"):  # an AMP run goes on with its loss scale
@@ -201,7 +205,8 @@ def run(args):
         print(f"done: top-1 {record['val_top1']:.2f}%, top-5 {record['val_top5']:.2f}% after {record['epoch']} "
               f"epochs (best top-1 {trainer.position['best_top1']:.2f}%); checkpoints in {output}")
     else:
-        print(f"nothing to do: the checkpoint has finished its {args.epochs} epochs (give a larger --epochs to go on)")
+        print(f"nothing to do: the checkpoint is at epoch {position['epoch'] + 1}, batch {position['batch']}, "
+              f"and --epochs is {args.epochs} (give a larger --epochs to go on)")
     return 0
 
 
@@ -229,6 +234,8 @@ def check_compatible(meta, args, classes):
                patch_size=args.patch_size or PRESETS[args.model]["patch_size"])
     flags = dict(name="--model", img_size="--img-size", num_classes="number of classes", drop_path="--drop-path",
                  patch_size="--patch-size")
+    if args.eval_only:
+        del now["drop_path"]  # no stochastic depth in evaluation: any rate will do
     mismatched = [f"{flags[key]} {config[key]} (now {value})" for key, value in now.items() if config[key] != value]
     if mismatched:
         raise WeightsError(f"{args.resume} was made with " + ", ".join(mismatched) +
@@ -238,8 +245,15 @@ def check_compatible(meta, args, classes):
         added = sorted(set(classes) - set(meta["classes"]))[:3]
         raise WeightsError(f"{args.resume} was made for other classes than those of {args.data or 'the demo'}"
                            f" (not there now: {missing}; new: {added})")
-    if not args.eval_only and meta["settings"].get("opt") != args.opt:
-        raise WeightsError(f"{args.resume} was trained with --opt {meta['settings'].get('opt')}, not {args.opt}")
+    if args.eval_only:
+        return
+    # Where a run stands (epoch, batch) only means the same thing with the same batches: same size, same order.
+    changed = [f"{flag} {meta['settings'].get(key)} (now {getattr(args, key)})"
+               for flag, key in [("--opt", "opt"), ("--batch-size", "batch_size"), ("--seed", "seed")]
+               if meta["settings"].get(key) != getattr(args, key)]
+    if changed:
+        raise WeightsError(f"{args.resume} was trained with " + ", ".join(changed) + ": a resumed run continues "
+                           "with the same optimizer, batch size and seed (leave these flags out to keep them)")
 
 
 if __name__ == "__main__":

@@ -85,6 +85,8 @@ def block_backward(dout, cache):
 class ResMLP:
     def __init__(self, num_classes, img_size, patch_size, dim, depth, layerscale_init, drop_path=0.0,
                  in_chans=3, mlp_ratio=4, device="cpu", dtype="float32", seed=0, name="resmlp"):
+        if patch_size < 1 or img_size < patch_size:
+            raise ValueError(f"patch_size must be between 1 and img_size {img_size}, got {patch_size}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         if not 0.0 <= drop_path < 1.0:
@@ -155,6 +157,7 @@ class ResMLP:
             raise ValueError(f"{c['name']} expects images of shape (B, {', '.join(map(str, expected))}), "
                              f"got {tuple(images.shape)}")
         batch = images.shape[0]
+        self.free_activations()  # the previous batch's, before this one allocates its own
         tokens, embed = patch_embed_forward(images, self.params["patch_embed.proj.weight"],
                                             self.params["patch_embed.proj.bias"])
         blocks = []

@@ -22,6 +22,9 @@ from .precision import autocast
 from .schedule import lr_at
 
 
+READ_LOSS_EVERY = 20  # steps between reading the training loss back from the device (for the bar, the sum)
+
+
 class Interrupted(Exception):
     """Ctrl-C was pressed; a checkpoint has been saved."""
 
@@ -121,9 +124,9 @@ class Trainer:
                    dynamic_ncols=True, leave=False)
         started = time.perf_counter()
         seconds_before = p["seconds"]
+        pending = []  # (loss on the device, batch size) of the steps whose loss is not read back yet
         for x, y in self.feed.batches(loader.epoch(epoch, start_batch=p["batch"])):
-            loss = self.train_step(x, y)
-            p["loss_sum"] += loss * len(y)
+            pending.append((self.train_step(x, y), len(y)))
             p["images"] += len(y)
             p["batch"] += 1
             p["global_step"] += 1
@@ -131,18 +134,37 @@ class Trainer:
             if self.model.device == "gpu":
                 self.peak_gpu_bytes = max(self.peak_gpu_bytes, backend.gpu_memory_held_bytes())
             bar.update()
-            bar.set_postfix(loss=f"{p['loss_sum'] / p['images']:.4f}", lr=f"{self.optimizer.lr:.2e}",
-                            img_s=f"{p['images'] / max(p['seconds'], 1e-9):.0f}", refresh=False,
-                            **({} if self.scaler is None else dict(skipped=self.scaler.skipped_steps)))
+            if len(pending) == READ_LOSS_EVERY or ctrl_c.pressed:
+                self.read_losses(pending)
+                bar.set_postfix(loss=f"{p['loss_sum'] / p['images']:.4f}", lr=f"{self.optimizer.lr:.2e}",
+                                img_s=f"{p['images'] / max(p['seconds'], 1e-9):.0f}", refresh=False,
+                                **({} if self.scaler is None else dict(skipped=self.scaler.skipped_steps)))
             if ctrl_c.pressed:
                 bar.close()
                 self.save("checkpoint.npz")
                 raise Interrupted(f"stopped at epoch {epoch + 1}, batch {p['batch']}/{len(loader)}; "
                                   f"continue with --resume {self.output / 'checkpoint.npz'}")
+        self.read_losses(pending)
         bar.close()
 
+    def read_losses(self, pending):
+        """Add the pending steps' losses to the epoch's sum, in step order (one transfer from the device,
+        so the same sums whenever it happens), and stop on a loss that is not finite."""
+        if not pending:
+            return
+        p = self.position
+        values = backend.to_numpy(self.xp.stack([loss for loss, _ in pending]))
+        first_step = p["global_step"] - len(pending)
+        for index, (value, (_, images)) in enumerate(zip(values.tolist(), pending)):
+            if not np.isfinite(value):
+                raise FloatingPointError(f"the training loss became {value} at step {first_step + index}: "
+                                         "lower --lr, or set --clip-grad")
+            p["loss_sum"] += value * images
+        pending.clear()
+
     def train_step(self, x, y):
-        """One optimizer step on a normalized batch on the device; returns the batch's mean loss as a float.
+        """One optimizer step on a normalized batch on the device; returns the batch's mean loss, a 0-d
+        array left on the device (reading it would make the host wait for the GPU at every step).
         Under --amp a step whose gradients hold inf or NaN is skipped (the loss scaler lowers its scale)."""
         s = self.settings
         with autocast(self.scaler is not None):
@@ -157,10 +179,6 @@ class Trainer:
             self.optimizer.step()
         if self.scaler is not None:
             self.update_scaler(finite)
-        loss = float(loss)
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"the training loss became {loss} at step {self.position['global_step']}: "
-                                     "lower --lr, or set --clip-grad")
         return loss
 
     def update_scaler(self, finite):
@@ -193,8 +211,6 @@ class Trainer:
                    f"val loss {record['val_loss']:.4f}  top-1 {record['val_top1']:.2f}%  "
                    f"top-5 {record['val_top5']:.2f}%  lr {record['lr']:.2e}  "
                    f"{record['images_per_s']:.0f} img/s  {record['seconds']:.1f} s" + extra)
-        with open(self.output / "log.jsonl", "a") as log:
-            log.write(json.dumps(record) + "\n")
         improved = p["best_top1"] is None or record["val_top1"] > p["best_top1"]
         if improved:
             p["best_top1"] = record["val_top1"]
@@ -202,6 +218,11 @@ class Trainer:
         self.save("checkpoint.npz")
         if improved:
             self.save("best.npz")
+        with open(self.output / "log.jsonl", "a") as log:  # after the checkpoint: a resume never logs twice
+            log.write(json.dumps(record) + "\n")
+        if ctrl_c.pressed:  # pressed during the evaluation: the epoch is complete and saved
+            raise Interrupted(f"stopped after epoch {record['epoch']}; continue with "
+                              f"--resume {self.output / 'checkpoint.npz'}")
         return record
 
     # -----------------------------------------------------------------------------------------

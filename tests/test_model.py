@@ -185,6 +185,8 @@ def test_overrides_and_errors():
     assert model.forward(np.zeros((1, 3, 64, 64), np.float32)).shape == (1, 10)
     with pytest.raises(ValueError, match="unknown model 'resmlp_99'.*resmlp_s12"):
         create_model("resmlp_99")
+    with pytest.raises(ValueError, match="patch_size must be between 1 and img_size 32, got 0"):
+        create_model("resmlp_tiny", patch_size=0)
     with pytest.raises(ValueError, match="multiple of patch_size"):
         create_model("resmlp_tiny", img_size=30)
     with pytest.raises(ValueError, match=r"expects images of shape \(B, 3, 32, 32\), got \(2, 3, 28, 28\)"):

@@ -170,7 +170,7 @@ def test_bad_flags(tmp_path, shapes):
     _fails_clearly(train("--eval-only", check=False), "--eval-only needs --resume")
     for flags, named in [(["--scale", "1", "0.5"], "--scale"), (["--crop-pct", "0"], "--crop-pct"),
                          (["--lr", "-1"], "--lr"), (["--weight-decay", "-0.1"], "--weight-decay"),
-                         (["--drop-path", "1"], "--drop-path")]:
+                         (["--drop-path", "1"], "--drop-path"), (["--patch-size", "0"], "patch_size")]:
         _fails_clearly(train("--data", shapes, *flags, check=False), named)
     if not gpu_available():
         _fails_clearly(train("--device", "gpu", check=False), "--device gpu")
@@ -180,6 +180,8 @@ def test_checkpoint_from_another_model_or_dataset(shapes, trained, tmp_path):
     checkpoint = trained / "checkpoint.npz"
     _fails_clearly(train("--resume", checkpoint, "--model", "resmlp_s12", check=False),
                    str(checkpoint), "--model resmlp_tiny (now resmlp_s12)")
+    _fails_clearly(train("--resume", checkpoint, "--batch-size", 8, check=False), "--batch-size 16 (now 8)")
+    _fails_clearly(train("--resume", checkpoint, "--seed", 3, check=False), "--seed 0 (now 3)")
     other = tmp_path / "other"
     make_image_folder(other, classes=("a", "b", "c"), per_class=2, size=(20, 20))
     _fails_clearly(train("--resume", checkpoint, "--data", other, check=False), "number of classes 10 (now 3)")
