@@ -87,10 +87,6 @@ def get_xp(array):
     return get_module("gpu")
 
 
-def device_of(array):
-    return "cpu" if get_xp(array) is np else "gpu"
-
-
 def to_numpy(array):
     """A host (NumPy) copy-or-view of any array."""
     if isinstance(array, np.ndarray):

@@ -29,9 +29,6 @@ class Parameters:
         self.values = {name: self.data[s].reshape(self.shapes[name]) for name, s in self.slices.items()}
         self.grads = {name: self.grad[s].reshape(self.shapes[name]) for name, s in self.slices.items()}
 
-    def names(self):
-        return list(self.shapes)
-
     def decay_mask(self):
         """1 for weights that take weight decay (matrices, conv kernels), 0 for 1-D parameters:
         Affine alpha/beta, LayerScale gammas and biases (REFERENCE.md: no decay on 1-D)."""

@@ -138,7 +138,7 @@ def test_full_model_matches_timm(xp, device, name):
     from the same initialization on the same batches: the losses and every parameter agree."""
     model = create_model("resmlp_tiny", device=device, dtype="float64", seed=0, **SMALL)
     twin = timm_twin(model)
-    official_names = model.parameters.names()
+    official_names = list(model.parameters.shapes)
     timm_names = dict(zip(official_to_timm({name: np.zeros(1) for name in official_names}), official_names))
     decays = lambda timm_name: len(model.parameters.shapes[timm_names[timm_name]]) > 1  # noqa: E731
     groups = decay_groups(dict(twin.named_parameters()), 0.05 if name == "AdamW" else 0.2, decays)
