@@ -38,27 +38,31 @@ def make_optimizer(name, model, lr, weight_decay):
 
 
 def topk_correct(logits, labels, ks=(1, 5)):
-    """How many rows have their label among the k largest logits, for each k (as Python ints)."""
+    """How many rows have their label among the k largest logits, for each k: a (len(ks),) array on the
+    logits' device."""
     xp = backend.get_xp(logits)
     ranked = xp.argsort(-logits, axis=1)[:, :max(ks)]
     hits = ranked == labels[:, None]
-    return [int(hits[:, :k].any(axis=1).sum()) for k in ks]
+    return xp.stack([hits[:, :k].any(axis=1).sum() for k in ks])
 
 
 def evaluate(model, loader, feed=None, amp=False):
     """Mean loss (no label smoothing) and top-1/top-5 in percent over every batch of `loader`.
-    amp: float16 matrix products, as in training with --amp."""
+    amp: float16 matrix products, as in training with --amp. The sums stay on the device until the end,
+    so the host never waits for the GPU between batches."""
     feed = feed or DeviceFeed(model.device, model.dtype)
-    loss_sum, top1, top5, count = 0.0, 0, 0, 0
+    totals = model.xp.zeros(3, dtype=np.float64)  # loss sum, top-1 hits, top-5 hits
+    count = 0
     for x, y in tqdm(feed.batches(loader.epoch(0)), total=len(loader), desc="eval", unit="batch",
                      dynamic_ncols=True, leave=False):
         with autocast(amp):
             logits = model.forward(x)
         loss, _ = cross_entropy(logits, y)
-        hits1, hits5 = topk_correct(logits, y)
-        loss_sum += float(loss) * len(y)
-        top1, top5, count = top1 + hits1, top5 + hits5, count + len(y)
+        totals[0] += loss.astype(np.float64) * len(y)
+        totals[1:] += topk_correct(logits, y)
+        count += len(y)
     model.free_activations()
+    loss_sum, top1, top5 = backend.to_numpy(totals).tolist()
     return dict(val_loss=loss_sum / count, val_top1=100.0 * top1 / count, val_top5=100.0 * top5 / count)
 
 
