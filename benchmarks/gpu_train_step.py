@@ -27,16 +27,12 @@ from minimlp import backend  # noqa: E402
 
 backend.set_tf32(True)  # before any CuPy matmul (CuPy reads CUPY_TF32 once)
 
-from minimlp import create_model, kernels  # noqa: E402
+from minimlp import create_model, kernels, precision  # noqa: E402
 from minimlp.losses import cross_entropy  # noqa: E402
 from minimlp.optim import AdamW  # noqa: E402
 from minimlp.weights import official_to_timm  # noqa: E402
 from tests.reference import timm, torch  # noqa: E402
 
-try:
-    from minimlp import precision  # mixed precision (--amp); the AMP variant is skipped where it is absent
-except ImportError:
-    precision = None
 
 TRAIN_FLOPS_PER_IMAGE = 18e9  # REFERENCE.md: ~6 GFLOP forward (3.0 G multiply-adds), x3 for training
 
@@ -60,8 +56,6 @@ def median_step_ms(step, new_event, elapsed_ms, synchronize, warmup, steps):
 def minimlp_variant(fused, amp):
     def run(args, images, labels):
         import cupy
-        if amp and precision is None:
-            raise RuntimeError("skipped: minimlp.precision (AMP) is not in this checkout")
         kernels.enabled = fused
         pool = cupy.get_default_memory_pool()
         pool.free_all_blocks()
