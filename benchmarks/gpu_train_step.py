@@ -31,7 +31,7 @@ from minimlp import create_model, kernels, precision  # noqa: E402
 from minimlp.losses import cross_entropy  # noqa: E402
 from minimlp.optim import AdamW  # noqa: E402
 from minimlp.weights import official_to_timm  # noqa: E402
-from tests.reference import timm, torch  # noqa: E402
+from minimlp.twins import timm, torch  # noqa: E402
 
 
 TRAIN_FLOPS_PER_IMAGE = 18e9  # REFERENCE.md: ~6 GFLOP forward (3.0 G multiply-adds), x3 for training

@@ -52,7 +52,7 @@ def minimlp_step_seconds(args, images, labels):
 
 
 def torch_step_seconds(args, images, labels, weights):
-    from tests.reference import timm, torch
+    from minimlp.twins import timm, torch
     torch.set_num_threads(os.cpu_count())
     model = timm.create_model(TIMM_NAMES[args.model])
     model.load_state_dict({k: torch.from_numpy(v) for k, v in official_to_timm(weights).items()})

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from minimlp import backend, create_model, kernels, layers
+from minimlp.gradcheck import numerical_gradients, relative_error
 from minimlp.losses import cross_entropy
 from minimlp.optim import AdamW
 from tests.conftest import GPU_SKIP_REASON
-from tests.gradcheck import numerical_gradients, relative_error
 
 PATCHES, IMAGES, DIM, HIDDEN, CLASSES = 6, 4, 5, 7, 11  # all different: a swapped axis cannot pass
 FLOAT32_TOLERANCE = 1e-5  # largest difference / largest value; the two paths round differently

@@ -3,9 +3,9 @@ differences, and stability for large logits."""
 import numpy as np
 import pytest
 
+from minimlp.gradcheck import numerical_gradients, relative_error
 from minimlp.losses import cross_entropy
-from tests.gradcheck import numerical_gradients, relative_error
-from tests.reference import torch
+from minimlp.twins import torch
 
 F = torch.nn.functional
 

@@ -8,14 +8,13 @@ import pytest
 
 from minimlp import create_model
 from minimlp.backend import to_numpy
+from minimlp.gradcheck import relative_error
 from minimlp.losses import cross_entropy
 from minimlp.optim import AdamW, Lamb, clip_grad_norm
 from minimlp.parameters import Parameters
 from minimlp.schedule import lr_at
+from minimlp.twins import timm, timm_twin, torch
 from minimlp.weights import official_to_timm
-from tests.gradcheck import relative_error
-from tests.reference import timm, torch
-from tests.timm_twin import timm_twin
 
 # matrices and a conv-like kernel take weight decay, the 1-D tensors do not
 SHAPES = {"weight": (5, 4), "bias": (5,), "scale": (4,), "kernel": (3, 2, 2)}
