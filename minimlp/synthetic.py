@@ -18,11 +18,14 @@ grid and averaged down, which antialiases the edges.
 """
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .progress import Progress, write
 
 SHAPES_CLASSES = ("checkerboard", "circle", "cross", "diagonal_stripes", "dots",
                   "horizontal_stripes", "ring", "square", "triangle", "vertical_stripes")
@@ -43,7 +46,8 @@ def ensure_shapes_dataset(root=None, train_per_class=TRAIN_PER_CLASS, val_per_cl
     """The shapes10 dataset folder inside `root` (default cache_root()), generated if absent.
 
     Generation writes into a temporary folder beside it and renames it when complete, so an
-    interrupted run leaves no folder that could be mistaken for a finished dataset.
+    interrupted run leaves no folder that could be mistaken for a finished dataset. It says so on
+    stdout and shows its progress (minimlp.progress) on stderr.
     """
     root = Path(root) if root is not None else cache_root()
     folder = root / f"shapes10-{IMAGE_SIZE}px-{train_per_class}x{val_per_class}-seed{seed}"
@@ -51,8 +55,11 @@ def ensure_shapes_dataset(root=None, train_per_class=TRAIN_PER_CLASS, val_per_cl
         return folder
     root.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder.name}.partial-"))
+    images = len(SHAPES_CLASSES) * (train_per_class + val_per_class)
+    write(f"generating the shapes10 dataset once: {images} PNG files into {folder}", sys.stdout)
     try:
-        generate_shapes_dataset(partial, train_per_class, val_per_class, seed)
+        with Progress(images, "shapes10", unit="image") as progress:  # ~12 s on 2 cores for the default 6000
+            generate_shapes_dataset(partial, train_per_class, val_per_class, seed, progress)
         os.rename(partial, folder)
     except OSError:
         if not folder.is_dir():  # a concurrent run that finished first is fine; anything else is not
@@ -62,8 +69,9 @@ def ensure_shapes_dataset(root=None, train_per_class=TRAIN_PER_CLASS, val_per_cl
     return folder
 
 
-def generate_shapes_dataset(folder, train_per_class, val_per_class, seed=0):
-    """Write folder/{train,val}/<class>/<class>_<index>.png."""
+def generate_shapes_dataset(folder, train_per_class, val_per_class, seed=0, progress=None):
+    """Write folder/{train,val}/<class>/<class>_<index>.png; progress: a minimlp.progress.Progress
+    counted one step per image, or None."""
     counts = {"train": train_per_class, "val": val_per_class}
     for split_index, split in enumerate(SPLITS):
         for class_index, name in enumerate(SHAPES_CLASSES):
@@ -72,6 +80,8 @@ def generate_shapes_dataset(folder, train_per_class, val_per_class, seed=0):
             for index in range(counts[split]):
                 rng = np.random.default_rng([seed, split_index, class_index, index])
                 Image.fromarray(draw_image(name, rng)).save(class_dir / f"{name}_{index:04d}.png")
+                if progress is not None:
+                    progress.update(1)
 
 
 # ---------------------------------------------------------------- one image
