@@ -9,7 +9,7 @@ holds its model configuration, class list and settings (img_size, crop_pct); pub
 .safetensors, official or timm names) hold only arrays, so the model is read from their shapes (or given
 with --model) and crop_pct defaults to 0.875, as in DeiT's evaluation. Each image is resized (shorter
 side to img_size / crop_pct, bicubic) and center-cropped to img_size, from any Pillow mode. A folder is
-searched recursively for .jpg/.jpeg/.png/.webp/.bmp files, in sorted order.
+searched recursively for .jpg/.jpeg/.png/.webp/.bmp files (any case, not hidden ones), sorted by path.
 
 Any input a person must fix (a missing file, weights that do not fit, a class-name file of the wrong
 length) is one line on stderr, exit status 2. An unreadable image is one such line too; the other images
@@ -139,14 +139,14 @@ def report(path, top, as_json):
 # ---------------------------------------------------------------- inputs
 
 def image_paths(arguments):
-    """The files named, and the image files under the folders named (recursively, sorted)."""
+    """The files named, and the image files under the folders named (recursively, sorted by path)."""
     paths = []
     for argument in arguments:
         if argument.is_dir():
-            found = list_images(argument)
+            found = sorted(Path(path) for path in list_images(argument))  # by path: b/a/x before b/z
             if not found:
                 raise PredictError(f"{argument}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
-            paths.extend(Path(path) for path in found)
+            paths.extend(found)
         elif argument.is_file():
             paths.append(argument)
         else:
