@@ -1,4 +1,4 @@
-"""PyTorch and timm as references, and timm's ResMLP holding a minimlp model's weights (its "twin").
+"""PyTorch, torchvision and timm as references, and timm's ResMLP holding a minimlp model's weights (its "twin").
 
 For the tests, the lessons that compare with PyTorch and the benchmarks; never imported by the training
 path (torch is a test-only dependency, requirements-test.txt): `import minimlp.twins` needs torch and timm.
@@ -32,7 +32,7 @@ def _import_torchvision():
     return importlib.import_module("torchvision")
 
 
-_import_torchvision()
+torchvision = _import_torchvision()
 import timm  # noqa: E402
 import timm.optim  # noqa: E402
 import timm.scheduler  # noqa: E402
@@ -53,4 +53,4 @@ def timm_twin(model, dtype=torch.float64):
     return twin
 
 
-__all__ = ["torch", "timm", "timm_twin"]
+__all__ = ["torch", "torchvision", "timm", "timm_twin"]

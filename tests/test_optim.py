@@ -1,7 +1,7 @@
 """AdamW and Lamb against torch.optim.AdamW and timm.optim.Lamb, on a stand-in quadratic model and on
-the whole ResMLP against timm's; gradient clipping against torch; checkpoint resume; the schedule."""
+the whole ResMLP against timm's; gradient clipping against torch; checkpoint resume; the schedule, also
+against timm's CosineLRScheduler."""
 import io
-import math
 
 import numpy as np
 import pytest
@@ -262,8 +262,36 @@ def test_schedule_cosine_decay():
     decay = [lr_at(step, **settings) for step in range(10, 101)]
     assert all(later < earlier for earlier, later in zip(decay, decay[1:]))
     assert lr_at(55, **settings) == pytest.approx((5e-4 + 1e-5) / 2, rel=1e-15)  # half-way down
-    closed_form = 1e-5 + (5e-4 - 1e-5) * 0.5 * (1 + math.cos(math.pi * (37 - 10) / 90))
-    assert lr_at(37, **settings) == pytest.approx(closed_form, rel=1e-15)
+
+
+def timm_schedule(steps, base_lr, total_steps, warmup_steps=0, min_lr=1e-5, warmup_lr=1e-6):
+    """timm's CosineLRScheduler configured as lr_at (docs/reference.md, Training recipe: the warmup and
+    cosine schedule): the cosine starts after the warmup (warmup_prefix), one cycle, counted in updates
+    (t_in_epochs=False, step_update). Returns the learning rate it sets before each of `steps` updates."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
+    scheduler = timm.scheduler.CosineLRScheduler(
+        optimizer, t_initial=total_steps - warmup_steps, lr_min=min_lr, warmup_t=warmup_steps,
+        warmup_lr_init=warmup_lr, warmup_prefix=True, cycle_limit=1, t_in_epochs=False)
+    rates = []
+    for step in range(steps):
+        scheduler.step_update(step)
+        rates.append(optimizer.param_groups[0]["lr"])
+    return rates
+
+
+@pytest.mark.parametrize("settings", [
+    SCHEDULE,
+    dict(base_lr=5e-4, total_steps=1000, warmup_steps=50),  # DeiT's warmup_lr and min_lr (the defaults)
+    dict(base_lr=5e-3, total_steps=400, warmup_steps=5, min_lr=1e-5, warmup_lr=1e-6),  # the paper's, in epochs
+    dict(base_lr=1e-3, total_steps=37, warmup_steps=0, min_lr=0.0),
+    dict(base_lr=1e-4, total_steps=30, warmup_steps=29, min_lr=1e-6, warmup_lr=1e-3),  # warmup from above
+], ids=["test-settings", "deit-defaults", "paper", "no-warmup", "long-warmup"])
+def test_schedule_equals_timm_cosine_scheduler(settings):
+    steps = settings["total_steps"] + 5  # and past the end, where both stay at min_lr
+    expected = timm_schedule(steps, **settings)
+    ours = [lr_at(step, **settings) for step in range(steps)]
+    for step, (mine, theirs) in enumerate(zip(ours, expected)):
+        assert abs(mine - theirs) <= 1e-12 * theirs + 1e-300, f"step {step}: {mine!r} != timm's {theirs!r}"
 
 
 @pytest.mark.parametrize("step,warmup_steps,total_steps", [(0, 10, 10), (0, -1, 10), (-1, 0, 10)])
