@@ -141,7 +141,8 @@ if torch is not None:
 #    images_to_patches no longer express it? -> a pixel now belongs to several windows; you would
 #    need to copy it (an "im2col" matrix), so the matmul input grows by (kernel/stride)^2.
 # 3. Count the multiply-adds of the patch embedding for ResMLP-S12 (224 px, p = 16, d = 384).
-#    -> N * (3*p*p) * d = 196 * 768 * 384 = 57.8 M per image, about 2% of the 3 GFLOPs of REFERENCE.md.
+#    -> N * (3*p*p) * d = 196 * 768 * 384 = 57.8 M per image, about 2% of the model's 3.0 G
+#    (docs/reference.md, Cost of a step).
 # 4. Swap the transpose order in images_to_patches (e.g. flatten (p, p, C) instead of (C, p, p))
 #    in a copy of the function: which check fails, and why does the torch comparison catch it?
 #    -> the flattened patch must follow the kernel's (C, p, p) order for the dot products to match.

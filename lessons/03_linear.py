@@ -75,14 +75,15 @@ check(abs(slope - dW[2, 4]) < 1e-6 * max(1.0, abs(dW[2, 4])), "nudging W[2, 4] m
 heading("4. Counting the work: a training step is about 3 forward passes")
 # The forward is one matmul of (M, d_in) by (d_in, d_out): M*d_in*d_out multiply-adds.
 # The backward has two matmuls of the same size: dx = dy @ W and dW = dy.T @ x. So forward +
-# backward is 3x the forward, for every Linear, which is where REFERENCE.md's "a training step
-# costs about 3x the forward" comes from. (The input images need no dx: patch_embed_backward
-# skips that matmul with need_dimages=False.)
+# backward is 3x the forward, for every Linear, which is where "a training step costs about 3
+# forwards" (docs/reference.md, Cost of a step) comes from. (The input images need no dx:
+# patch_embed_backward skips that matmul with need_dimages=False.)
 n_tokens, d = 196, 384
 fc_forward = n_tokens * d * (4 * d) * 2  # fc1 and fc2 of one block, per image
 print(f"ResMLP-S12, one block's channel MLP, one image: {fc_forward / 1e6:.0f} M multiply-adds forward, "
       f"{3 * fc_forward / 1e6:.0f} M for a training step")
-print(f"12 blocks: {12 * fc_forward / 1e9:.2f} G of the model's 3.0 GFLOPs (REFERENCE.md): the MLPs dominate")
+print(f"12 blocks: {12 * fc_forward / 1e9:.2f} G of the model's 3.0 G (docs/reference.md, Cost of a step): "
+      "the MLPs dominate")
 check(12 * fc_forward / 3.0e9 > 0.8, "the channel MLPs are most of ResMLP-S12's arithmetic")
 
 # ---------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ print(f"token mixing: one A {A.shape} shared by all {images} images and {dim} ch
 # What this buys: no softmax, no queries and keys, a single matmul, and no quadratic activation
 # memory per image. What it costs: A is tied to N, so the model works at one image size, and the
 # mixing cannot adapt to the content. The paper's finding is that with enough data augmentation,
-# this fixed mixing still classifies ImageNet well (REFERENCE.md: 76.6% for S12).
+# this fixed mixing still classifies ImageNet well (docs/reference.md, Published results: 76.6% for S12).
 check(weights.shape == (images, patches, patches) and A.shape == (patches, patches),
       "attention has B matrices of N x N, token mixing one")
 

@@ -39,7 +39,7 @@ print(f"{model.num_patches} patches, {model.num_params():,} parameters in {len(m
 for name, value in list(model.params.items())[:14]:
     print(f"  {name:28s} {str(value.shape):14s}")
 print("  ... then blocks.1.*, norm.alpha, norm.beta, head.weight, head.bias")
-# The names are the official checkpoint names (REFERENCE.md), so official weights load directly.
+# The names are the official checkpoint names (docs/reference.md, Checkpoint names), so official weights load directly.
 # Every parameter is a VIEW into one flat buffer, and every gradient a view into another:
 show_source(Parameters.__init__, max_lines=22)
 check(all(np.shares_memory(value, model.parameters.data) for value in model.params.values()),
@@ -57,7 +57,7 @@ for name, value in s12.params.items():
     kind = name.split(".", 2)[2].split(".")[0] if name.startswith("blocks.") else name.split(".")[0]
     by_kind[kind] = by_kind.get(kind, 0) + value.size
 print({kind: f"{count / 1e6:.2f}M" for kind, count in by_kind.items()})
-print(f"total {s12.num_params() / 1e6:.2f} M (REFERENCE.md: 15.35 M). The channel MLPs hold "
+print(f"total {s12.num_params() / 1e6:.2f} M (docs/reference.md, Presets: 15.35 M). The channel MLPs hold "
       f"{by_kind['mlp'] / s12.num_params():.0%}; the cross-patch matrices only {by_kind['attn'] / s12.num_params():.1%}.")
 check(round(s12.num_params() / 1e6, 2) == 15.35, "ResMLP-S12 has 15.35 M parameters, as published")
 del s12
@@ -133,7 +133,7 @@ if torch is not None:
 
 # ---------------------------------------------------------------------------------------------
 # Exercises (hints after the arrow)
-# 1. Add up the parameters of ResMLP-S24 and B24 the same way and compare to REFERENCE.md
+# 1. Add up the parameters of ResMLP-S24 and B24 the same way and compare to docs/reference.md, Presets
 #    (30.0 M, 129.1 M). -> create_model("resmlp_s24").num_params(); B24 needs ~0.5 GB of float32.
 # 2. Rebind a parameter instead of writing into it: model.params["head.bias"] = np.zeros(5), then
 #    train a few steps (lesson 11). What happens to head.bias? -> forward now reads the new array,

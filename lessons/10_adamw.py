@@ -140,7 +140,7 @@ check(Lamb.__doc__ is not None and "trust" in Lamb.__doc__, "minimlp.optim.Lamb 
 #    the first step? -> m = 0.1 g and v = 0.001 g^2, so m/sqrt(v) ~ 3.2: three times lr at step 1.
 # 3. Turn off the decay mask (decay every tensor) and train lesson 11 for longer: what happens to
 #    the LayerScale gammas and Affine alphas? -> they are pulled towards 0, fighting the gains
-#    the network needs; that is why 1-D parameters are excluded (REFERENCE.md).
+#    the network needs; that is why 1-D parameters are excluded (docs/reference.md, Training recipe).
 # 4. Replace AdamW by Lamb(model, lr=5e-3, weight_decay=0.2) in lesson 11. -> it trains too; LAMB's
 #    advantage shows at the paper's batch size of 2048, not at 64.
 print("\nLesson 10 done: AdamW = Adam + decoupled decay on matrices; lr = warmup then cosine.")

@@ -1,6 +1,7 @@
 """What ResMLP's weights learn, as numbers (pure NumPy; minimlp.analyze draws them).
 
-The paper (Touvron et al. 2021, section 4) reads three matrices of each block i:
+The paper (Touvron et al. 2021, section 3.3; docs/reference.md, Weight analysis) reads three matrices
+of each block i:
     A = blocks.i.attn.weight     (N, N)   cross-patch mixing: out[p] = sum_q A[p, q] * in[q]
     B = blocks.i.mlp.fc1.weight  (4d, d)  channel MLP, first layer
     C = blocks.i.mlp.fc2.weight  (d, 4d)  channel MLP, second layer

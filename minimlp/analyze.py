@@ -6,10 +6,10 @@ CHECKPOINT: a train.py checkpoint (.npz), or published weights in .npz or .safet
 timm names. --layers picks the blocks whose cross-patch matrix A is drawn (default: first, middle, last;
 counted from 0 like blocks.i). Writes into DIR:
     cross_patch_layer_<i>.png   rows of A for a grid of query patches, each on the patch grid, placed at
-                                its query patch's position (the paper's figure)
+                                its query patch's position (the paper's Figure 2)
     sparsity.png, sparsity.csv  sparsity of A, B (fc1) and C (fc2) for every layer (layer,A,B,C)
     summary.txt                 per layer: convolution likeness and self weight of A, sparsity (also printed)
-The measures are defined in minimlp.analysis.
+The measures are defined in minimlp.analysis; what the paper found is in docs/reference.md, Weight analysis.
 """
 import argparse
 import csv

@@ -1,9 +1,11 @@
 """Learning-rate schedule: linear warmup, then half a cosine down to a floor (DeiT/timm's recipe),
 counted in optimizer steps. The training loop sets `optimizer.lr = lr_at(step, ...)` before each step.
 
-DeiT's defaults: warmup_lr 1e-6 and min_lr 1e-5. Unlike timm's CosineLRScheduler (whose cosine runs
-from step 0 and is overwritten during warmup), the cosine here starts where the warmup ends, so the
-schedule reaches base_lr exactly at warmup_steps and min_lr exactly at total_steps.
+DeiT's defaults: warmup_lr 1e-6 and min_lr 1e-5. Unlike DeiT's use of timm's CosineLRScheduler (whose
+cosine runs from epoch 0 and is overwritten during warmup), the cosine here starts where the warmup ends,
+so the schedule reaches base_lr exactly at warmup_steps and min_lr exactly at total_steps: timm's
+scheduler with warmup_prefix=True, stepped per update (docs/reference.md, Training recipe: the warmup and
+cosine schedule; tests/test_optim.py compares the two at every step).
 """
 import math
 

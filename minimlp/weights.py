@@ -1,4 +1,5 @@
-"""Checkpoint names: the official (facebookresearch/deit) names are ours; timm's are translated.
+"""Checkpoint names: the official (facebookresearch/deit) names are ours; timm's are translated
+(docs/reference.md, Checkpoint names).
 
     official                      timm
     patch_embed.proj.*            stem.proj.*

@@ -151,7 +151,7 @@ def test_grads_are_views_of_one_flat_buffer(xp, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets and initialization (REFERENCE.md)
+# Presets and initialization (docs/reference.md, Presets and Initialization)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, millions, layerscale", [
     ("resmlp_s12", 15.35, 0.1), ("resmlp_s24", 30.0, 1e-5), ("resmlp_s36", 44.7, 1e-6), ("resmlp_b24", 129.1, 1e-6)])
