@@ -13,6 +13,7 @@ from minimlp.datasets import DataError, load_datasets, load_train
 from minimlp.loader import Loader
 from minimlp.transforms import (IMAGENET_MEAN, IMAGENET_STD, eval_crop_box, eval_resize_size, eval_transform,
                                 load_rgb, normalize, random_resized_crop_box, to_chw, train_transform)
+from minimlp.twins import timm, torch, torchvision
 from tests.imagetools import make_image, make_image_folder, save_image, smooth_rgb
 
 
@@ -279,6 +280,24 @@ def test_eval_transform_geometry_by_hand(tmp_path):
     np.testing.assert_allclose(out[1][interior], np.broadcast_to(2 * source_y[interior, None], (30, 32)), atol=1)
 
 
+@pytest.mark.parametrize("size, img_size, crop_pct", [((200, 100), 32, 0.875), ((100, 250), 64, 0.9),
+                                                     ((640, 480), 224, 0.9), ((333, 517), 224, 0.875),
+                                                     ((48, 40), 24, 0.875)])
+def test_eval_transform_is_deits_resize_then_center_crop(tmp_path, size, img_size, crop_pct):
+    """The evaluation transform of deit's README_resmlp.md (docs/reference.md, Evaluation transform),
+    built from torchvision: Resize(int(img_size / crop_pct), bicubic), then CenterCrop(img_size). We resize
+    the crop box in one step instead, so pixels may differ by resampling at the border, never by geometry."""
+    path = save_image(tmp_path / "image.png", size=size, seed=13)
+    transforms = torchvision.transforms
+    deit = transforms.Compose([transforms.Resize(int(img_size / crop_pct), transforms.InterpolationMode.BICUBIC),
+                               transforms.CenterCrop(img_size)])
+    with Image.open(path) as image:
+        assert transforms.Resize(int(img_size / crop_pct))(image).size == eval_resize_size(*size, img_size, crop_pct)
+        expected = to_chw(deit(image.convert("RGB"))).astype(np.int64)
+    difference = np.abs(eval_transform(path, img_size, crop_pct).astype(np.int64) - expected)
+    assert difference.mean() < 0.5 and difference.max() <= 2
+
+
 def test_eval_resize_and_crop_of_portrait_image():
     assert eval_resize_size(100, 250, 224, crop_pct=0.9) == (248, 620)
     assert eval_crop_box(100, 250, 224, crop_pct=0.9) == pytest.approx(
@@ -291,6 +310,30 @@ def test_random_resized_crop_boxes_follow_scale_and_ratio():
         assert 0 <= left and left + crop_w <= 300 and 0 <= top and top + crop_h <= 200
         assert 0.08 * 0.9 <= crop_w * crop_h / (300 * 200) <= 1.0
         assert 3 / 4 * 0.9 <= crop_w / crop_h <= 4 / 3 * 1.1
+
+
+class TorchDraws:
+    """A stand-in for a numpy Generator that hands out the numbers torch's global generator gives, in
+    the order torchvision's RandomResizedCrop.get_params draws them (area, log aspect ratio, top, left)."""
+
+    def uniform(self, low, high):
+        return torch.empty(1).uniform_(low, high).item()
+
+    def integers(self, low, high):
+        return int(torch.randint(low, high, size=(1,)).item())
+
+
+@pytest.mark.parametrize("width, height", [(300, 200), (500, 375), (37, 1000), (400, 10), (224, 224)])
+def test_random_resized_crop_box_is_torchvisions(width, height):
+    """Fed the same random numbers, our box equals torchvision's RandomResizedCrop.get_params, including
+    its retries and its fallback (400 x 10 and 37 x 1000 reach it)."""
+    image = Image.new("RGB", (width, height))
+    for seed in range(100):
+        torch.manual_seed(seed)
+        top, left, crop_h, crop_w = torchvision.transforms.RandomResizedCrop.get_params(
+            image, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+        torch.manual_seed(seed)
+        assert random_resized_crop_box(width, height, TorchDraws()) == (left, top, crop_w, crop_h), seed
 
 
 def test_random_resized_crop_falls_back_to_clamped_center_crop():
@@ -320,11 +363,13 @@ def test_train_transform_is_crop_then_flip_from_the_generator(tmp_path):
 
 # ---------------------------------------------------------------- normalize
 
-def test_normalize_matches_hand_computation(xp):
+def test_normalize_matches_torchvision_with_timms_constants(xp):
+    """ToTensor's / 255, then torchvision's Normalize with timm's ImageNet mean and std."""
+    assert IMAGENET_MEAN == timm.data.IMAGENET_DEFAULT_MEAN and IMAGENET_STD == timm.data.IMAGENET_DEFAULT_STD
     batch = np.random.default_rng(12).integers(0, 256, (2, 3, 5, 4), dtype=np.uint8)
     batch[0, :, 0, 0] = (0, 128, 255)
-    expected = (batch.astype(np.float64) / 255 - np.array(IMAGENET_MEAN).reshape(1, 3, 1, 1)) \
-        / np.array(IMAGENET_STD).reshape(1, 3, 1, 1)
+    expected = torchvision.transforms.functional.normalize(
+        torch.from_numpy(batch).double() / 255, timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD).numpy()
 
     result64 = normalize(xp.asarray(batch), dtype="float64")
     result32 = normalize(xp.asarray(batch))

@@ -9,7 +9,7 @@ from minimlp.gradcheck import numerical_gradients, relative_error
 from minimlp.losses import cross_entropy
 from minimlp.model import BLOCK_PARAMETERS, block_backward, block_forward
 from minimlp.twins import timm, timm_twin, torch
-from minimlp.weights import WeightsError, is_affine, official_to_timm
+from minimlp.weights import WeightsError, is_affine, official_to_timm, timm_to_official
 
 SMALL = dict(num_classes=7, img_size=16, patch_size=4, dim=12, depth=2)  # 16 patches, 48 hidden
 
@@ -153,12 +153,19 @@ def test_grads_are_views_of_one_flat_buffer(xp, device):
 # ---------------------------------------------------------------------------------------------
 # Presets and initialization (docs/reference.md, Presets and Initialization)
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, millions, layerscale", [
-    ("resmlp_s12", 15.35, 0.1), ("resmlp_s24", 30.0, 1e-5), ("resmlp_s36", 44.7, 1e-6), ("resmlp_b24", 129.1, 1e-6)])
-def test_presets_have_the_published_size(name, millions, layerscale):
+@pytest.mark.parametrize("name, millions, layerscale, timm_name", [
+    ("resmlp_s12", 15.35, 0.1, "resmlp_12_224"), ("resmlp_s24", 30.0, 1e-5, "resmlp_24_224"),
+    ("resmlp_s36", 44.7, 1e-6, "resmlp_36_224"), ("resmlp_b24", 129.1, 1e-6, "resmlp_big_24_224")])
+def test_presets_have_the_published_size(name, millions, layerscale, timm_name):
+    """The published sizes and deit's LayerScale, and a second witness: every parameter's name and shape
+    equals timm's model (built on PyTorch's meta device: shapes, no memory)."""
     model = create_model(name, dtype="float32")
     assert round(model.num_params() / 1e6, 2 if name == "resmlp_s12" else 1) == millions
     assert float(model.params["blocks.0.gamma_1"][0]) == np.float32(layerscale)
+    with torch.device("meta"):
+        twin = timm.create_model(timm_name)
+    shapes = {timm_key: value.shape for timm_key, value in official_to_timm(model.state_dict()).items()}
+    assert shapes == {timm_key: tuple(p.shape) for timm_key, p in twin.named_parameters()}
 
 
 def test_official_initialization():
@@ -195,6 +202,23 @@ def test_overrides_and_errors():
 # ---------------------------------------------------------------------------------------------
 # Weights: official and timm names, files, clear errors
 # ---------------------------------------------------------------------------------------------
+def test_official_names_convert_as_timm_converts_them():
+    """official_to_timm against timm's own converter of deit checkpoints (mlp_mixer.checkpoint_filter_fn,
+    which timm applies to the published .pth files), and timm_to_official back."""
+    official = create_model("resmlp_tiny", **SMALL, seed=6).state_dict()
+    theirs = timm.models.mlp_mixer.checkpoint_filter_fn({k: torch.from_numpy(v) for k, v in official.items()}, None)
+    ours = official_to_timm(official)
+    assert set(ours) == set(theirs) and len(ours) == len(official)
+    for name, tensor in theirs.items():
+        np.testing.assert_array_equal(ours[name], tensor.numpy(), err_msg=name)
+        assert ours[name].shape == tuple(tensor.shape), name
+    back = timm_to_official({name: tensor.numpy() for name, tensor in theirs.items()})
+    assert set(back) == set(official)
+    for name, value in official.items():
+        assert back[name].shape == value.shape, name
+        np.testing.assert_array_equal(back[name], value, err_msg=name)
+
+
 def test_timm_and_official_names_load_identically(tmp_path):
     source = create_model("resmlp_tiny", **SMALL, seed=1)
     official, timm_named = source.state_dict(), official_to_timm(source.state_dict())
