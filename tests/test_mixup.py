@@ -70,7 +70,7 @@ def run_timm(monkeypatch, settings, images, labels, draws):
 def run_ours(xp, settings, images, labels, draws):
     scripted = ScriptedRandom(*draws)
     mix = ours.Mixup(**settings)  # the same keywords as timm's
-    mixed, targets = mix(xp.asarray(images), xp.asarray(labels), scripted)
+    mixed, targets = mix(xp.array(images), xp.asarray(labels), scripted)
     return to_numpy(mixed), to_numpy(targets), scripted.log
 
 
