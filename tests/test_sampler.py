@@ -1,0 +1,74 @@
+"""Repeated augmentation against timm's RepeatAugSampler (DeiT's RASampler): the same shuffle gives the
+same indices on every rank; the shards of K ranks interleave into the one-process order."""
+import numpy as np
+import pytest
+
+from minimlp.sampler import RepeatedAugmentationSampler, samples_per_rank
+from minimlp.twins import torch  # noqa: F401  (and timm through the torchvision workaround)
+from timm.data.distributed_sampler import RepeatAugSampler  # noqa: E402
+
+
+@pytest.mark.parametrize("num_samples", [10, 255, 256, 1000, 1283])
+@pytest.mark.parametrize("num_replicas", [1, 2, 3, 4, 8])
+def test_each_rank_takes_timms_indices_for_the_same_shuffle(num_samples, num_replicas):
+    for epoch in (0, 3):
+        generator = torch.Generator()
+        generator.manual_seed(epoch)  # what timm's sampler shuffles with
+        permutation = torch.randperm(num_samples, generator=generator).numpy()
+        for rank in range(num_replicas):
+            theirs = RepeatAugSampler(list(range(num_samples)), num_replicas=num_replicas, rank=rank)
+            theirs.set_epoch(epoch)
+            ours = RepeatedAugmentationSampler(num_samples, num_replicas=num_replicas, rank=rank)
+            assert len(ours) == len(theirs)
+            assert ours.order_from_permutation(permutation).tolist() == list(theirs)
+
+
+def test_epoch_lengths():
+    assert samples_per_rank(1_281_167) == 1_281_024  # ImageNet rounded down to a multiple of 256
+    assert samples_per_rank(1_281_167, num_replicas=8) == 160_128
+    assert samples_per_rank(1400) == 1280 and samples_per_rank(100) == 100
+    assert samples_per_rank(1400, selected_round=0) == 1400
+    assert samples_per_rank(10, num_replicas=4) == 3  # ceil(10 / 4)
+
+
+def test_one_process_order_repeats_each_image_three_times_in_a_row():
+    sampler = RepeatedAugmentationSampler(1000, seed=5)
+    order = sampler.epoch_order(2)
+    permutation = np.random.default_rng([5, 2]).permutation(1000)
+    assert len(order) == 768  # 1000 // 256 * 256
+    assert np.array_equal(order, np.repeat(permutation[:256], 3))
+    assert np.array_equal(sampler.global_positions(), np.arange(768))
+    counts = np.bincount(order, minlength=1000)
+    assert set(counts) == {0, 3} and (counts == 3).sum() == 256
+
+
+@pytest.mark.parametrize("num_replicas", [2, 4, 8])
+def test_shards_interleave_into_the_one_process_order(num_replicas):
+    one_process = RepeatedAugmentationSampler(2048, seed=1)
+    shards = [RepeatedAugmentationSampler(2048, seed=1, num_replicas=num_replicas, rank=rank)
+              for rank in range(num_replicas)]
+    interleaved = np.empty(len(one_process), dtype=np.int64)
+    positions = np.empty(len(one_process), dtype=np.int64)
+    for rank, shard in enumerate(shards):
+        interleaved[rank::num_replicas] = shard.epoch_order(4)
+        positions[rank::num_replicas] = shard.global_positions()
+    assert np.array_equal(interleaved, one_process.epoch_order(4))
+    assert np.array_equal(positions, np.arange(len(one_process)))
+    # the three copies of an image land on three different ranks (K >= 3), as DeiT intends
+    if num_replicas >= 3:
+        assert all(np.bincount(shard.epoch_order(4)).max() == 1 for shard in shards)
+
+
+def test_order_is_deterministic_per_seed_and_epoch():
+    sampler = RepeatedAugmentationSampler(600, seed=3)
+    assert np.array_equal(sampler.epoch_order(1), RepeatedAugmentationSampler(600, seed=3).epoch_order(1))
+    assert not np.array_equal(sampler.epoch_order(1), sampler.epoch_order(2))
+    assert not np.array_equal(sampler.epoch_order(1), RepeatedAugmentationSampler(600, seed=4).epoch_order(1))
+
+
+@pytest.mark.parametrize("settings, complaint", [
+    (dict(num_samples=0), "at least one sample"), (dict(num_samples=5, repeats=0), "repeats"),
+    (dict(num_samples=5, num_replicas=2, rank=2), r"rank 2 is outside 0..1")])
+def test_bad_settings(settings, complaint):
+    with pytest.raises(ValueError, match=complaint):
+        RepeatedAugmentationSampler(**settings)
