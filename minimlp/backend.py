@@ -3,13 +3,18 @@
 Every other module writes its array code once against `xp`, the array module of the data
 it is handed (`get_xp(array)`) or of the device it was built for (`Backend.xp`).
 """
+import functools
+import importlib.metadata
 import os
 import sys
+import warnings
 
 import numpy as np
 import scipy.special
 
-CUPY_HINT = "--device gpu needs CuPy: pip install cupy-cuda12x (or cupy-cuda13x for CUDA 13)"
+CUPY_PACKAGES = ("cupy-cuda12x", "cupy-cuda13x")  # CuPy's wheels for a CUDA 12 / CUDA 13 driver
+CUPY_HINT = ('--device gpu needs CuPy with the CUDA libraries it loads: pip install "cupy-cuda12x[ctk]" '
+             '(or "cupy-cuda13x[ctk]" for a CUDA 13 driver)')
 
 
 class DeviceError(RuntimeError):
@@ -35,19 +40,80 @@ def gpu_available():
 
 
 def resolve_device(device):
-    """'auto' -> 'gpu' when CuPy and a GPU are present, else 'cpu'. 'gpu' without one is an error."""
+    """'auto' -> 'gpu' when CuPy and a GPU are present, else 'cpu'. 'gpu' without one is an error, and so is
+    a GPU whose CUDA libraries do not load (check_gpu_libraries)."""
     if device not in ("auto", "cpu", "gpu"):
         raise DeviceError(f"unknown device {device!r}: choose auto, cpu or gpu")
     if device == "auto":
-        return "gpu" if gpu_available() else "cpu"
-    if device == "gpu" and not gpu_available():
+        device = "gpu" if gpu_available() else "cpu"
+    elif device == "gpu" and not gpu_available():
         try:
             import cupy  # noqa: F401
         except ImportError:
             raise DeviceError(CUPY_HINT) from None
         raise DeviceError("--device gpu: CuPy is installed but no CUDA GPU answered "
                           "(check nvidia-smi and that the cupy-cudaXXx package matches the driver)")
+    if device == "gpu":
+        check_gpu_libraries()
     return device
+
+
+def cupy_install_hint():
+    """The pip command that brings CuPy's CUDA libraries (NVRTC, cuBLAS, the CUDA headers) for the CuPy
+    package installed here: CuPy 14's wheels bring none of them without the [ctk] extra."""
+    installed = []
+    for package in CUPY_PACKAGES:
+        try:
+            importlib.metadata.version(package)
+            installed.append(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if len(installed) == 1:
+        return f'pip install "{installed[0]}[ctk]" (or install the CUDA Toolkit)'
+    return 'pip install "cupy-cuda12x[ctk]" (or "cupy-cuda13x[ctk]" for a CUDA 13 driver, or the CUDA Toolkit)'
+
+
+def _one_line(error):
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+@functools.cache
+def check_gpu_libraries(nccl=False):
+    """Load, before any work, what the GPU path needs beyond the driver: NVRTC (CUDA's runtime compiler: every
+    kernel is compiled at its first launch), cuBLAS (every matrix product), the CUDA headers (a probe kernel
+    is compiled and run), and NCCL if nccl (several GPUs). Without this, each one missing is a traceback in
+    the middle of a run. Raises DeviceError: one line saying what failed and what to install."""
+    import cupy
+    install = cupy_install_hint()
+    try:
+        cupy.cuda.nvrtc.getVersion()
+    except Exception as error:
+        raise DeviceError(f"--device gpu: CuPy cannot load NVRTC, CUDA's runtime compiler, which builds every "
+                          f"kernel ({_one_line(error)}); {install}") from None
+    try:
+        from cupy_backends.cuda.libs import cublas  # noqa: F401  loads libcublas and libcublasLt
+        cupy.cuda.device.get_cublas_handle()
+    except Exception as error:
+        raise DeviceError(f"--device gpu: CuPy cannot load cuBLAS, which does every matrix product "
+                          f"({_one_line(error)}); {install}") from None
+    try:
+        probe = cupy.ElementwiseKernel("T x", "T y", "y = x + T(1)", "minimlp_probe")
+        works = float(probe(cupy.zeros(1, dtype=np.float32))[0]) == 1.0
+    except Exception as error:
+        raise DeviceError(f"--device gpu: CuPy cannot compile and run a kernel, most often because the CUDA "
+                          f"headers are missing ({_one_line(error)}); {install}") from None
+    if not works:
+        raise DeviceError("--device gpu: a probe kernel ran but returned a wrong value: check the driver "
+                          "(nvidia-smi) and that the cupy-cudaXXx package matches it")
+    if nccl:
+        with warnings.catch_warnings():  # CuPy warns when NCCL is missing; the error below says it once
+            warnings.simplefilter("ignore")
+            from cupy.cuda import nccl as cupy_nccl
+        if not cupy_nccl.available:
+            major = cupy.cuda.runtime.runtimeGetVersion() // 1000
+            raise DeviceError(f"--device gpu on several GPUs needs NCCL, which CuPy cannot load: "
+                              f'pip install "nvidia-nccl-cu{major}>=2.18.1,<3"')
 
 
 def set_tf32(enabled):
