@@ -13,8 +13,12 @@ copies by DMA on its own stream while the previous step computes. Two slots, use
 pinned host buffer and a device buffer, guarded by two CUDA events:
     copied    recorded on the copy stream after the copy: the compute stream waits for it before
               reading the device buffer, and the host before writing the pinned buffer again;
-    consumed  recorded on the compute stream once the batch has been normalized (a new array):
-              the copy stream waits for it before overwriting the device buffer.
+    consumed  recorded on the compute stream once the batch has been normalized (a new array), and
+              once right after the slot's device buffers are allocated: the copy stream waits for it
+              before writing the device buffer.
+The allocation needs its event too. The device buffers come from CuPy's memory pool on the compute
+stream, which hands out a block as soon as compute work freed it, even while kernels queued before
+still read it: ordered on the compute stream, that is safe; written by the copy stream, it is not.
 The batch of step k+1 is therefore already on its way when step k is handed to the GPU.
 """
 import numpy as np
@@ -90,10 +94,12 @@ class Slot:
         import cupy
         self.host_images = pinned_empty(images_shape, np.uint8)
         self.host_labels = pinned_empty(images_shape[:1], labels_dtype)
-        self.device_images = cupy.empty(images_shape, dtype=np.uint8)
+        self.device_images = cupy.empty(images_shape, dtype=np.uint8)  # from the compute (current) stream's pool
         self.device_labels = cupy.empty(images_shape[:1], dtype=labels_dtype)
-        # an event never recorded counts as complete: the first waits return at once
         self.copied, self.consumed = cupy.cuda.Event(), cupy.cuda.Event()
+        # The first copy into the new buffers waits for the compute work queued before their allocation (it may
+        # still use this memory); `copied`, never recorded, counts as complete: the first host write waits for nothing.
+        self.consumed.record(cupy.cuda.get_current_stream())
 
 
 def pinned_empty(shape, dtype):
