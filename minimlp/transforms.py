@@ -1,16 +1,21 @@
 """Image file -> uint8 array (3, H, W), and uint8 batch -> normalized float batch on the device.
 
-Decoding goes through Pillow, from any mode (RGB, L, CMYK, P, RGBA, LA, I;16, ...) to RGB. Large
-JPEGs are decoded at a reduced size (Pillow's draft mode: libjpeg scales by 1/2, 1/4 or 1/8 while
-decoding, much cheaper than a full decode) whenever the region we need stays at least the output
-size; the crop box is always chosen on the original size first, so draft mode changes speed, not
-which part of the image is seen.
+Decoding goes through Pillow, from any mode (RGB, L, CMYK, P, RGBA, LA, I;16, ...) to RGB. For
+training, large JPEGs are decoded at a reduced size (Pillow's draft mode: libjpeg scales by 1/2, 1/4
+or 1/8 while decoding, much cheaper than a full decode) whenever the region we need stays at least
+the output size; the crop box is always chosen on the original size first, so draft mode changes
+speed, not which part of the image is seen. Evaluation decodes in full by default, so that it equals
+timm's transform (within 1 level) on images of any size: on large JPEGs (2048x1536) draft mode moves
+many pixels by several levels, which changes measured accuracy.
 
-Both transforms resize a box of the source straight to the output (`Image.resize(..., box=...)`),
-which equals crop-then-resize without the extra copy.
+Training (and draft-mode evaluation) resizes a box of the source straight to the output
+(`Image.resize(..., box=...)`), which equals crop-then-resize without the extra copy.
 
-    train_transform: RandomResizedCrop (torchvision's algorithm) + horizontal flip, bilinear.
-    eval_transform:  resize the shorter side to int(img_size / crop_pct), bicubic; center crop img_size.
+    train_transform: RandomResizedCrop (torchvision's algorithm) with the training interpolation
+                     (bilinear, bicubic, or 'random': either, per image, as timm), horizontal flip with
+                     probability hflip, then RandAugment (minimlp.randaugment) if given.
+    eval_transform:  resize the shorter side to int(img_size / crop_pct), bicubic; center crop img_size
+                     (decoded and resized whole, then cropped, unless draft=True).
 
 All randomness comes from the numpy Generator passed in, so a sample's augmentation is reproducible.
 """
@@ -22,6 +27,8 @@ from PIL import Image
 from .backend import get_xp
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+TRAIN_INTERPOLATIONS = ("bilinear", "bicubic", "random")  # DeiT's --train-interpolation (default bicubic)
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
@@ -51,16 +58,16 @@ def to_chw(image):
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def decode_region(image, box, out_size, resample):
+def decode_region(image, box, out_size, resample, draft=True):
     """Decode the region `box` = (left, top, right, bottom) of an opened, not yet loaded image,
     resized to out_size = (width, height), as an RGB PIL image.
 
-    For a JPEG, ask draft mode for the smallest scale at which the box still covers out_size
-    pixels, then map the box into the reduced image.
+    draft: for a JPEG, ask draft mode for the smallest scale at which the box still covers out_size
+    pixels, then map the box into the reduced image. Without it, the whole image is decoded.
     """
     left, top, right, bottom = box
     needed_scale = max(out_size[0] / (right - left), out_size[1] / (bottom - top))
-    if needed_scale < 1:
+    if draft and needed_scale < 1:
         requested = (math.ceil(image.width * needed_scale), math.ceil(image.height * needed_scale))
         original_width = image.width
         drafted = image.draft("RGB", requested)  # None for formats without draft mode
@@ -99,17 +106,31 @@ def random_resized_crop_box(width, height, rng, scale=(0.08, 1.0), ratio=(3 / 4,
     return (width - crop_w) // 2, (height - crop_h) // 2, crop_w, crop_h
 
 
-def train_transform(path, img_size, rng, scale=(0.08, 1.0)):
-    """RandomResizedCrop(img_size, scale) + horizontal flip (p = 0.5) -> uint8 (3, img_size, img_size).
+def train_resampling(interpolation, rng):
+    """The Pillow filter of the train crop; 'random' draws bilinear or bicubic (timm's choice per image)."""
+    if interpolation == "random":
+        return (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)[rng.integers(2)]
+    if interpolation not in RESAMPLING:
+        raise ValueError(f"--train-interpolation {interpolation!r}: choose one of {', '.join(TRAIN_INTERPOLATIONS)}")
+    return RESAMPLING[interpolation]
 
-    rng (numpy Generator) is drawn from in this order: crop box, then flip.
+
+def train_transform(path, img_size, rng, scale=(0.08, 1.0), interpolation="bilinear", hflip=0.5,
+                    auto_augment=None):
+    """RandomResizedCrop(img_size, scale) + horizontal flip (probability hflip) + auto_augment
+    (a minimlp.randaugment.RandAugment, or None) -> uint8 (3, img_size, img_size).
+
+    rng (numpy Generator) is drawn from in this order: crop box, filter ('random' interpolation only),
+    flip (always drawn, whatever hflip is), then RandAugment's draws.
     """
     with Image.open(path) as image:
         left, top, crop_w, crop_h = random_resized_crop_box(image.width, image.height, rng, scale)
         box = (left, top, left + crop_w, top + crop_h)
-        crop = decode_region(image, box, (img_size, img_size), Image.Resampling.BILINEAR)
-    if rng.random() < 0.5:
+        crop = decode_region(image, box, (img_size, img_size), train_resampling(interpolation, rng))
+    if rng.random() < hflip:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if auto_augment is not None:
+        crop = auto_augment(crop, rng)
     return to_chw(crop)
 
 
@@ -137,11 +158,22 @@ def eval_crop_box(width, height, img_size, crop_pct=0.875):
     return (left / scale_x, top / scale_y, (left + img_size) / scale_x, (top + img_size) / scale_y)
 
 
-def eval_transform(path, img_size, crop_pct=0.875):
-    """Resize shorter side to int(img_size / crop_pct) (bicubic), center crop img_size -> uint8 (3, img_size, img_size)."""
+def eval_transform(path, img_size, crop_pct=0.875, draft=False):
+    """Resize shorter side to int(img_size / crop_pct) (bicubic), center crop img_size -> uint8 (3, img_size, img_size).
+
+    By default the image is decoded in full, resized whole, then cropped: torchvision's Resize +
+    CenterCrop (timm's and DeiT's eval transform) step for step, so the pixels are theirs. (Resizing
+    only the crop box, as training does, moves a quarter of the pixels of some sizes by 1 level.)
+    draft=True decodes large JPEGs at a reduced size and resizes the box: faster, but no longer the
+    pixels that the published accuracies were measured on."""
     with Image.open(path) as image:
-        box = eval_crop_box(image.width, image.height, img_size, crop_pct)
-        return to_chw(decode_region(image, box, (img_size, img_size), Image.Resampling.BICUBIC))
+        if draft:
+            box = eval_crop_box(image.width, image.height, img_size, crop_pct)
+            return to_chw(decode_region(image, box, (img_size, img_size), Image.Resampling.BICUBIC, draft=True))
+        resized_size = eval_resize_size(image.width, image.height, img_size, crop_pct)
+        left, top = center_crop_offset(resized_size, img_size)
+        resized = to_rgb(image).resize(resized_size, Image.Resampling.BICUBIC)
+    return to_chw(resized.crop((left, top, left + img_size, top + img_size)))
 
 
 # ---------------------------------------------------------------- on the device

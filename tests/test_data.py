@@ -11,6 +11,7 @@ from minimlp import synthetic
 from minimlp.backend import to_numpy
 from minimlp.datasets import DataError, load_datasets, load_train
 from minimlp.loader import Loader
+from minimlp.randaugment import RandAugment
 from minimlp.transforms import (IMAGENET_MEAN, IMAGENET_STD, eval_crop_box, eval_resize_size, eval_transform,
                                 load_rgb, normalize, random_resized_crop_box, to_chw, train_transform)
 from minimlp.twins import timm, torch, torchvision
@@ -232,14 +233,44 @@ def full_decode(path):
         return image.convert("RGB")
 
 
-def test_large_jpeg_eval_uses_draft_and_matches_full_decode(tmp_path, draft_scales):
+def test_large_jpeg_eval_decodes_in_full_unless_draft_is_asked(tmp_path, draft_scales):
     path = save_image(tmp_path / "large.jpg", size=(1600, 1200), seed=9)
-    drafted = eval_transform(path, 64).astype(np.int64)
+    resized_w, resized_h = eval_resize_size(1600, 1200, 64)  # 97 x 73, crop at (16, 4)
+    plain = to_chw(full_decode(path).resize((resized_w, resized_h), Image.Resampling.BICUBIC).crop(
+        (16, 4, 80, 68))).astype(np.int64)
+    assert np.array_equal(eval_transform(path, 64), plain)
+    assert draft_scales == []  # evaluation: no draft mode by default
+    drafted = eval_transform(path, 64, draft=True).astype(np.int64)
     assert draft_scales == [8]  # 1200 px short side, 73 px needed
-    box = eval_crop_box(1600, 1200, 64)
-    plain = to_chw(full_decode(path).resize((64, 64), Image.Resampling.BICUBIC, box=box)).astype(np.int64)
     assert np.abs(drafted - plain).mean() < 1.5
     assert np.abs(drafted - plain).max() <= 12
+
+
+def photo_like(size, seed):
+    """A JPEG-able PIL image with photo-like detail at every scale: smooth colour blobs and pixel grain."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    coarse = Image.fromarray(rng.integers(0, 256, size=(24, 32, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    grain = rng.integers(-12, 13, size=(height, width, 3))
+    return Image.fromarray(np.clip(np.asarray(coarse) + grain, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (333, 500), (1200, 900), (2048, 1536)])
+def test_eval_crop_equals_timms_eval_transform(tmp_path, size):
+    """timm's create_transform(is_training=False) with DeiT's settings (bicubic, crop_pct 0.875), fed the
+    fully decoded RGB image as timm's dataset does: our pixels within 1 level, on small and large JPEGs.
+    Draft mode, on the large ones, is not (the test can tell it)."""
+    path = tmp_path / "photo.jpg"
+    photo_like(size, seed=14).save(path, quality=90)
+    timm_eval = timm.data.create_transform(224, is_training=False, interpolation="bicubic", crop_pct=0.875,
+                                           use_prefetcher=True)  # uint8 (3, 224, 224), not normalized
+    with Image.open(path) as image:
+        expected = timm_eval(image.convert("RGB")).numpy().astype(np.int64)
+    difference = np.abs(eval_transform(path, 224, crop_pct=0.875).astype(np.int64) - expected)
+    assert difference.shape == (3, 224, 224)
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01  # the same steps: equal, in practice
+    if min(size) >= 900:
+        assert np.abs(eval_transform(path, 224, draft=True).astype(np.int64) - expected).max() > 1
 
 
 def test_large_jpeg_train_crop_uses_draft_and_matches_full_decode(tmp_path, draft_scales):
@@ -359,6 +390,63 @@ def test_train_transform_is_crop_then_flip_from_the_generator(tmp_path):
         assert np.array_equal(out, expected[:, :, ::-1] if flipped else expected)
         assert np.array_equal(out, train_transform(path, 24, np.random.default_rng(seed)))
     assert flips == {True, False}
+
+
+@pytest.mark.parametrize("interpolation, resample", [("bilinear", Image.Resampling.BILINEAR),
+                                                    ("bicubic", Image.Resampling.BICUBIC)])
+def test_train_interpolation_is_the_crop_filter(tmp_path, interpolation, resample):
+    path = save_image(tmp_path / "small.png", size=(48, 40), seed=15)
+    source = Image.open(path).convert("RGB")
+    for seed in range(3):
+        out = train_transform(path, 24, np.random.default_rng(seed), interpolation=interpolation, hflip=0.0)
+        left, top, crop_w, crop_h = random_resized_crop_box(48, 40, np.random.default_rng(seed))
+        expected = to_chw(source.resize((24, 24), resample, box=(left, top, left + crop_w, top + crop_h)))
+        assert np.array_equal(out, expected)
+
+
+def test_random_train_interpolation_draws_the_filter_after_the_box(tmp_path):
+    """timm's 'random': bilinear or bicubic, chosen per image (after the crop box)."""
+    path = save_image(tmp_path / "small.png", size=(48, 40), seed=16)
+    source = Image.open(path).convert("RGB")
+    chosen = []
+    for seed in range(12):
+        out = train_transform(path, 24, np.random.default_rng(seed), interpolation="random", hflip=0.0)
+        rng = np.random.default_rng(seed)
+        left, top, crop_w, crop_h = random_resized_crop_box(48, 40, rng)
+        resample = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)[rng.integers(2)]
+        chosen.append(resample)
+        assert np.array_equal(out, to_chw(source.resize((24, 24), resample, box=(left, top, left + crop_w,
+                                                                                top + crop_h))))
+    assert set(chosen) == {Image.Resampling.BILINEAR, Image.Resampling.BICUBIC}
+    with pytest.raises(ValueError, match="--train-interpolation 'nearest'"):
+        train_transform(path, 24, np.random.default_rng(0), interpolation="nearest")
+
+
+def test_hflip_probability(tmp_path):
+    path = save_image(tmp_path / "small.png", size=(48, 40), seed=17)
+    for seed in range(6):
+        never = train_transform(path, 24, np.random.default_rng(seed), hflip=0.0)
+        always = train_transform(path, 24, np.random.default_rng(seed), hflip=1.0)
+        assert np.array_equal(always, never[:, :, ::-1])  # the same crop: the flip draw is always made
+
+
+def test_randaugment_comes_after_crop_and_flip_from_the_same_generator(tmp_path):
+    path = save_image(tmp_path / "small.png", size=(48, 40), seed=18)
+    augment = RandAugment("rand-m9-mstd0.5-inc1", interpolation="bicubic")
+    changed = 0
+    for seed in range(6):
+        out = train_transform(path, 24, np.random.default_rng(seed), interpolation="bicubic", auto_augment=augment)
+        rng = np.random.default_rng(seed)
+        left, top, crop_w, crop_h = random_resized_crop_box(48, 40, rng)
+        crop = Image.open(path).convert("RGB").resize((24, 24), Image.Resampling.BICUBIC,
+                                                      box=(left, top, left + crop_w, top + crop_h))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        plain = to_chw(crop)
+        expected = to_chw(augment(crop, rng))
+        assert np.array_equal(out, expected)
+        changed += not np.array_equal(out, plain)
+    assert changed >= 3
 
 
 # ---------------------------------------------------------------- normalize
