@@ -1,10 +1,12 @@
 """Images/s that minimlp.loader.Loader delivers from ImageNet-sized JPEGs, with 0, 1, 2, ... worker
-processes (train transform: RandomResizedCrop 224 + flip), to set against what the GPU consumes
-(benchmarks/gpu_train_step.py). Writes --images random-content JPEGs of 500x375 (the typical ImageNet
-size, quality 90) into a temporary folder, then times whole epochs after one untimed warm-up epoch.
+processes (train transform: RandomResizedCrop 224 + flip, optionally RandAugment), to set against what
+the GPU consumes (benchmarks/gpu_train_step.py). Writes --images random-content JPEGs of 500x375 (the
+typical ImageNet size, quality 90) into a temporary folder, then times whole epochs after one untimed
+warm-up epoch.
 
     python benchmarks/loader_throughput.py                    # workers 0, 1, ..., os.cpu_count()
     python benchmarks/loader_throughput.py --workers 0 4 8 16 --images 512
+    python benchmarks/loader_throughput.py --aa rand-m9-mstd0.5-inc1 --train-interpolation bicubic  # DeiT's
 """
 import argparse
 import os
@@ -19,7 +21,24 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minimlp.datasets import ImageFolder  # noqa: E402
-from minimlp.loader import Loader  # noqa: E402
+from minimlp.loader import Loader, TransformSettings  # noqa: E402
+from minimlp.randaugment import RandAugment  # noqa: E402
+from minimlp.transforms import TRAIN_INTERPOLATIONS, train_transform  # noqa: E402
+
+
+class AugmentedSettings(TransformSettings):
+    """The loader's train transform with a training interpolation and RandAugment. (The Loader does not
+    take these yet; this stands in for it. Defined at the top level of the script, so that the 'spawn'
+    workers can unpickle it.)"""
+
+    def __init__(self, settings, interpolation, auto_augment):
+        super().__init__(settings.train, settings.img_size, settings.crop_pct, settings.scale, settings.seed)
+        self.interpolation, self.auto_augment = interpolation, auto_augment
+
+    def transform(self, path, epoch, position):
+        rng = np.random.default_rng([self.seed, epoch, position])
+        return train_transform(path, self.img_size, rng, self.scale, interpolation=self.interpolation,
+                               auto_augment=self.auto_augment)
 
 
 def write_jpegs(folder, count, rng):
@@ -37,8 +56,10 @@ def write_jpegs(folder, count, rng):
     return ImageFolder(folder, [str(label) for label in range(10)], samples)
 
 
-def images_per_second(dataset, workers, batch_size, img_size):
+def images_per_second(dataset, workers, batch_size, img_size, interpolation="bilinear", auto_augment=None):
     with Loader(dataset, batch_size=batch_size, train=True, img_size=img_size, seed=0, workers=workers) as loader:
+        if auto_augment is not None or interpolation != "bilinear":
+            loader.settings = AugmentedSettings(loader.settings, interpolation, auto_augment)
         for _ in loader.epoch(0):  # warm-up: starts the worker processes, fills the file cache
             pass
         started = time.perf_counter()
@@ -52,14 +73,25 @@ def main():
     parser.add_argument("--batch-size", type=int, default=25)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--workers", type=int, nargs="+", default=list(range(os.cpu_count() + 1)))
+    parser.add_argument("--aa", default=None, metavar="CONFIG",
+                        help="RandAugment after crop and flip, timm's grammar, e.g. rand-m9-mstd0.5-inc1 (DeiT's)")
+    parser.add_argument("--train-interpolation", default="bilinear", choices=TRAIN_INTERPOLATIONS,
+                        help="filter of the train crop (and of RandAugment's geometric ops); DeiT uses bicubic")
     args = parser.parse_args()
+    try:
+        auto_augment = None if args.aa is None else RandAugment(args.aa, interpolation=args.train_interpolation)
+    except ValueError as error:
+        parser.error(f"--aa: {error}")
     with tempfile.TemporaryDirectory() as folder:
         dataset = write_jpegs(folder, args.images, np.random.default_rng(0))
+        augmentation = f", RandAugment {args.aa}" if args.aa else ""
         print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; {args.images} JPEGs "
-              f"500x375 q90, train transform {args.img_size} px, batch {args.batch_size}")
+              f"500x375 q90, train transform {args.img_size} px ({args.train_interpolation}{augmentation}), "
+              f"batch {args.batch_size}")
         print("| workers | images/s |\n|---|---|")
         for workers in args.workers:
-            rate = images_per_second(dataset, workers, args.batch_size, args.img_size)
+            rate = images_per_second(dataset, workers, args.batch_size, args.img_size, args.train_interpolation,
+                                     auto_augment)
             print(f"| {workers} | {rate:.0f} |", flush=True)
 
 
