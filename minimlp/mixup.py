@@ -94,7 +94,8 @@ class Mixup:
             problems.append(f"--mixup {mixup_alpha} / --cutmix {cutmix_alpha}: alphas must be >= 0")
         if mixup_alpha <= 0 and cutmix_alpha <= 0 and cutmix_minmax is None:
             problems.append("--mixup and --cutmix are both 0: nothing to mix (do not build a Mixup)")
-        if cutmix_minmax is not None and not (len(cutmix_minmax) == 2 and 0 <= cutmix_minmax[0] < cutmix_minmax[1] <= 1):
+        if cutmix_minmax is not None and not (len(cutmix_minmax) == 2
+                                              and 0 <= cutmix_minmax[0] < cutmix_minmax[1] <= 1):
             problems.append(f"--cutmix-minmax {cutmix_minmax}: give two fractions, min < max, within 0..1")
         for flag, value in (("--mixup-prob", prob), ("--mixup-switch-prob", switch_prob)):
             if not 0 <= value <= 1:

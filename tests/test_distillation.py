@@ -3,7 +3,6 @@ timm's criteria as the base loss, against ours: the loss and d loss / d logits, 
 import numpy as np
 import pytest
 
-from minimlp.backend import to_numpy
 from minimlp.distillation import distillation_loss
 from minimlp.gradcheck import numerical_gradients, relative_error
 from minimlp.twins import timm, torch  # noqa: F401
