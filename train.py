@@ -16,28 +16,16 @@ import time
 from pathlib import Path
 
 from minimlp import backend, create_model
-from minimlp.checkpoint import is_training_checkpoint, load_checkpoint
+from minimlp.checkpoint import check_compatible, read_resume, restore_run
+from minimlp.config import complete_settings
 from minimlp.datasets import DataError, load_datasets
 from minimlp.loader import Loader
+from minimlp.loss_scaling import LossScaler, NoLossScaling
 from minimlp.model import PRESETS
-from minimlp.precision import AMP_DTYPE, LossScaler
+from minimlp.precision import AMP_DTYPE
 from minimlp.synthetic import ensure_shapes_dataset
 from minimlp.trainer import Interrupted, Trainer, evaluate, make_optimizer
-from minimlp.weights import WeightsError, read_weights
-
-# Defaults, in order of precedence after the flags themselves: a resumed checkpoint's settings, then
-# those of the kind of run (the demo without --data, or a real dataset such as ImageNet), then COMMON.
-DEMO_DEFAULTS = dict(model="resmlp_tiny", img_size=32, scale=(0.6, 1.0), batch_size=128, epochs=15, lr=3e-3,
-                     warmup_epochs=1, drop_path=0.0)
-DATA_DEFAULTS = dict(model="resmlp_s12", img_size=224, scale=(0.08, 1.0), batch_size=256, epochs=300, lr=None, warmup_epochs=5,
-                     drop_path=0.05)
-COMMON_DEFAULTS = dict(crop_pct=0.875, opt="adamw", weight_decay=0.05, warmup_lr=1e-6, min_lr=1e-5, smoothing=0.1,
-                       clip_grad=0.0, seed=0, amp=False)
-# What a resumed run takes from its checkpoint unless the flag is given again (not: device, tf32, workers, output)
-RESUMED_SETTINGS = ["data", "model", "img_size", "patch_size", "crop_pct", "scale", "batch_size", "epochs", "opt", "lr",
-                    "weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "smoothing", "clip_grad", "drop_path",
-                    "seed", "amp"]
-
+from minimlp.weights import WeightsError
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
@@ -74,6 +62,9 @@ def parse_args(argv=None):
     a("--tf32", action=argparse.BooleanOptionalAction, default=True,
       help="GPU: float32 matrix products on TF32 tensor cores (10-bit mantissa inputs, float32 accumulation; "
            "default on); --no-tf32 for full float32")
+    a("--fast", action=argparse.BooleanOptionalAction, default=True,
+      help="the fast path: fused CUDA kernels on the GPU, fused multi-threaded Numba loops on the CPU (where Numba "
+           "is installed); same results as the reference layers (tested). --no-fast runs the reference only")
     a("--amp", action=argparse.BooleanOptionalAction,
       help=f"mixed precision: {AMP_DTYPE.name} matrix-product inputs with float32 accumulation, float32 weights "
            "and optimizer state, dynamic loss scaling (default off; works on the CPU too, emulated)")
@@ -87,40 +78,6 @@ def parse_args(argv=None):
         parser.error("--eval-only needs --resume CHECKPOINT_OR_WEIGHTS")
     if args.workers < 0:
         parser.error(f"--workers must be 0 or more, got {args.workers}")
-    return args
-
-
-def complete_settings(args, meta):
-    """Fill every flag not given: from the checkpoint's settings (meta, when resuming), then defaults."""
-    if meta is not None:
-        for key in RESUMED_SETTINGS:
-            if getattr(args, key) is None and meta["settings"].get(key) is not None:
-                value = meta["settings"][key]
-                setattr(args, key, Path(value) if key == "data" else value)
-    for key, value in {**(DATA_DEFAULTS if args.data else DEMO_DEFAULTS), **COMMON_DEFAULTS}.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.lr is None:
-        args.lr = 5e-4 * args.batch_size / 512
-    for flag, value in [("--batch-size", args.batch_size), ("--epochs", args.epochs), ("--img-size", args.img_size)]:
-        if value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
-    for flag, value in [("--smoothing", args.smoothing), ("--drop-path", args.drop_path)]:
-        if not 0 <= value < 1:
-            raise ValueError(f"{flag} must be in [0, 1), got {value}")
-    for flag, value in [("--lr", args.lr), ("--crop-pct", args.crop_pct)]:
-        if not value > 0:
-            raise ValueError(f"{flag} must be positive, got {value}")
-    for flag, value in [("--weight-decay", args.weight_decay), ("--warmup-epochs", args.warmup_epochs),
-                        ("--warmup-lr", args.warmup_lr), ("--min-lr", args.min_lr), ("--clip-grad", args.clip_grad)]:
-        if value < 0:
-            raise ValueError(f"{flag} must be 0 or more, got {value}")
-    if args.crop_pct > 1:
-        raise ValueError(f"--crop-pct must be at most 1 (the crop is that fraction of the resized image), "
-                         f"got {args.crop_pct}")
-    low, high = args.scale
-    if not 0 < low <= high <= 1:
-        raise ValueError(f"--scale MIN MAX needs 0 < MIN <= MAX <= 1 (fractions of the image area), got {low} {high}")
     return args
 
 
@@ -147,7 +104,7 @@ def main(argv=None):
 
 
 def run(args):
-    checkpoint = resume_state(args)
+    checkpoint = read_resume(args.resume, args.eval_only) if args.resume else None
     meta = checkpoint[2] if checkpoint else None
     complete_settings(args, meta)
     backend.set_tf32(args.tf32)  # before any GPU work: CuPy reads it at its first float32 matmul
@@ -163,10 +120,11 @@ def run(args):
         print(f"no --data given: the demo, {args.model} on the built-in shapes10 dataset in {data}")
     train_set, val_set = load_datasets(data)
     if meta is not None:
-        check_compatible(meta, args, train_set.classes)
+        check_compatible(args.resume, meta, vars(args), train_set.classes, args.eval_only)
     model = create_model(args.model, num_classes=len(train_set.classes), img_size=args.img_size,
-                         patch_size=args.patch_size, drop_path=args.drop_path, device=device, seed=args.seed)
-    print(f"model: {args.model}, {model.num_params() / 1e6:.2f}M parameters, {model.num_patches} patches; "
+                         patch_size=args.patch_size, drop_path=args.drop_path, device=device, seed=args.seed, fast=args.fast)
+    print(f"model: {args.model}, {model.num_params() / 1e6:.2f}M parameters, {model.num_patches} patches, "
+          f"{model.ops.name} operations; "
           f"data: {len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes")
     val_loader = Loader(val_set, args.batch_size, train=False, img_size=args.img_size, crop_pct=args.crop_pct,
                         seed=args.seed, workers=args.workers)
@@ -180,17 +138,10 @@ def run(args):
     train_loader = Loader(train_set, args.batch_size, train=True, img_size=args.img_size, scale=tuple(args.scale),
                           seed=args.seed, workers=args.workers)
     optimizer = make_optimizer(args.opt, model, args.lr, args.weight_decay)
-    scaler = LossScaler() if args.amp else None
+    scaler = LossScaler() if args.amp else NoLossScaling()
     position = None
     if checkpoint:
-        weights, optimizer_state, meta = checkpoint
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(optimizer_state)
-        optimizer.weight_decay = args.weight_decay  # the flag wins over the checkpoint's (which it defaults to)
-        model.drop_path_rng.bit_generator.state = meta["drop_path_rng"]
-        position = meta["position"]
-        if scaler is not None and meta.get("loss_scaler"):  # an AMP run goes on with its loss scale
-            scaler.load_state_dict(meta["loss_scaler"])
+        position = restore_run(checkpoint, model, optimizer, scaler, args.weight_decay)
         print(f"resumed from {args.resume}: epoch {position['epoch'] + 1}, batch {position['batch']}")
     output = args.output or (args.resume.parent if args.resume else
                              Path("runs") / f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -213,47 +164,6 @@ def run(args):
 def settings_of(args):
     """The run's configuration, JSON-ready (saved in config.json and in every checkpoint)."""
     return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-
-
-def resume_state(args):
-    """(weights, optimizer state, meta) of --resume, or None. With --eval-only, weights alone will do
-    (published .safetensors/.npz weights): optimizer state and meta are then None."""
-    if not args.resume:
-        return None
-    if args.eval_only:
-        weights = read_weights(args.resume)
-        meta = load_checkpoint(args.resume)[2] if is_training_checkpoint(args.resume) else None
-        return weights, None, meta
-    return load_checkpoint(args.resume)
-
-
-def check_compatible(meta, args, classes):
-    """A checkpoint continues only with the same model and the same classes."""
-    config = meta["model"]
-    now = dict(name=args.model, img_size=args.img_size, num_classes=len(classes), drop_path=args.drop_path,
-               patch_size=args.patch_size or PRESETS[args.model]["patch_size"])
-    flags = dict(name="--model", img_size="--img-size", num_classes="number of classes", drop_path="--drop-path",
-                 patch_size="--patch-size")
-    if args.eval_only:
-        del now["drop_path"]  # no stochastic depth in evaluation: any rate will do
-    mismatched = [f"{flags[key]} {config[key]} (now {value})" for key, value in now.items() if config[key] != value]
-    if mismatched:
-        raise WeightsError(f"{args.resume} was made with " + ", ".join(mismatched) +
-                           ": use the same settings, or start a new run without --resume")
-    if meta["classes"] != list(classes):
-        missing = sorted(set(meta["classes"]) - set(classes))[:3]
-        added = sorted(set(classes) - set(meta["classes"]))[:3]
-        raise WeightsError(f"{args.resume} was made for other classes than those of {args.data or 'the demo'}"
-                           f" (not there now: {missing}; new: {added})")
-    if args.eval_only:
-        return
-    # Where a run stands (epoch, batch) only means the same thing with the same batches: same size, same order.
-    changed = [f"{flag} {meta['settings'].get(key)} (now {getattr(args, key)})"
-               for flag, key in [("--opt", "opt"), ("--batch-size", "batch_size"), ("--seed", "seed")]
-               if meta["settings"].get(key) != getattr(args, key)]
-    if changed:
-        raise WeightsError(f"{args.resume} was trained with " + ", ".join(changed) + ": a resumed run continues "
-                           "with the same optimizer, batch size and seed (leave these flags out to keep them)")
 
 
 if __name__ == "__main__":

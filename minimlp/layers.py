@@ -1,11 +1,13 @@
-"""The layers of ResMLP, each a forward/backward pair that reads like the math.
+"""The layers of ResMLP, each a forward/backward pair that reads like the math: the reference.
 
     out, cache = layer_forward(inputs..., params...)
     d_inputs..., d_params... = layer_backward(d_out, cache)
 
 `cache` holds exactly what backward needs. Backward functions return fresh gradient arrays;
 the model decides where they go. Every function works on NumPy and CuPy arrays alike: the array
-module is taken from the data (`get_xp`).
+module is taken from the data (`get_xp`). This file is only the math: fast paths that do the same in
+fewer passes (minimlp.cuda_kernels, minimlp.cpu_kernels) live beside it, and minimlp.ops chooses
+between them once, when a model is built.
 
 Layout. Inside the model, activations are `tokens` of shape (N, B, d): patch, image, channel.
 That makes both kinds of mixing a single large 2-D matrix product on a free reshape, with no
@@ -15,7 +17,6 @@ transpose copies:
 """
 import math
 
-from . import kernels  # optional fused CUDA kernels: `if kernels.available(x)` picks them on the GPU
 from .backend import erf, get_xp
 from .precision import matmul  # every matrix product: plain, or float16 operands under --amp
 
@@ -25,8 +26,6 @@ from .precision import matmul  # every matrix product: plain, or float16 operand
 # ---------------------------------------------------------------------------------------------
 def affine_forward(x, alpha, beta):
     # y = alpha * x + beta    (..., d) -> (..., d)
-    if kernels.available(x):
-        return kernels.affine_forward(x, alpha, beta)
     return alpha * x + beta, (x, alpha)
 
 
@@ -94,8 +93,6 @@ def gelu_forward(x):
 
 def bias_gelu_forward(x, bias):
     # y = GELU(x + b): fc1's bias added in GELU's pass; x is overwritten with x + b (GELU's input, cached)
-    if kernels.available(x):
-        return kernels.bias_gelu_forward(x, bias)
     x += bias
     return gelu_forward(x)
 
@@ -103,8 +100,6 @@ def bias_gelu_forward(x, bias):
 def gelu_backward(dy, cache):
     # dy/dx = Phi(x) + x * phi(x),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)  the standard normal density
     x, cdf = cache
-    if kernels.available(dy):
-        return kernels.gelu_backward(dy, x, cdf)
     xp = get_xp(x)
     slope = x * x  # then updated in place, step by step: one array instead of a temporary per operation
     slope *= -0.5
@@ -189,13 +184,11 @@ def drop_path_backward(dy, mask):
 
 # ---------------------------------------------------------------------------------------------
 # The end of a residual branch: its Linear's bias, LayerScale, drop path, and the add to the skip path.
-# One layer so that the GPU does it in one pass (minimlp.kernels); here it is those layers in a row.
+# One layer so that a fast path can do it in one pass (minimlp.cuda_kernels); here it is those layers in a row.
 # ---------------------------------------------------------------------------------------------
 def residual_forward(x, branch, bias, gamma, mask=None):
     # y = x + mask * gamma * (branch + b)    (N, B, d); b broadcasts, (N, 1, 1) or (d,); mask (B,) or None
     # branch (a Linear's output without its bias) is overwritten with branch + b: LayerScale's input, cached
-    if kernels.available(x):
-        return kernels.residual_forward(x, branch, bias, gamma, mask)
     branch += bias
     scaled, scale = layer_scale_forward(branch, gamma)
     if mask is not None:
@@ -207,8 +200,6 @@ def residual_backward(dy, cache):
     # d(branch) = mask * gamma * dy;  dgamma = sum over patches and images of mask * dy * branch.
     # The skip path's gradient is dy itself; the caller adds it. db = sum of d(branch): the Linear's backward.
     scale, mask = cache
-    if kernels.available(dy):
-        return kernels.residual_backward(dy, *scale, mask)
     dscaled = dy if mask is None else drop_path_backward(dy, mask)
     return layer_scale_backward(dscaled, scale)
 

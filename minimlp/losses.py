@@ -1,5 +1,4 @@
 """Softmax cross-entropy with label smoothing and soft targets, returning the loss and its gradient."""
-from . import kernels
 from .backend import get_xp
 
 
@@ -30,10 +29,15 @@ def cross_entropy(logits, targets, smoothing=0.0):
     dL/dz = (softmax(z) - q) / B
     """
     xp = get_xp(logits)
-    batch, num_classes = logits.shape
-    target_probs = smoothed_targets(xp.asarray(targets), num_classes, smoothing, logits.dtype)
-    if kernels.available(logits):  # the GPU: softmax, loss and dlogits in one kernel
-        return kernels.cross_entropy(logits, target_probs)
+    target_probs = smoothed_targets(xp.asarray(targets), logits.shape[1], smoothing, logits.dtype)
+    return softmax_cross_entropy(logits, target_probs)
+
+
+def softmax_cross_entropy(logits, target_probs):
+    """logits, target_probs (B, C) -> (loss: mean over the batch of -sum_c q_c log p_c, a 0-d array;
+    dlogits (B, C)).    dL/dz = (softmax(z) - q) / B"""
+    xp = get_xp(logits)
+    batch = logits.shape[0]
     log_probs = log_softmax(logits)
     loss = -(target_probs * log_probs).sum() / batch
     dlogits = (xp.exp(log_probs) - target_probs) / batch

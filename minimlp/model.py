@@ -10,11 +10,8 @@ Parameters and gradients live in two flat buffers (minimlp.parameters); `model.p
 """
 import numpy as np
 
-from . import backend
-from .layers import (affine_backward, affine_forward, bias_gelu_forward, drop_path_mask, gelu_backward,
-                     linear_backward, linear_forward, mean_pool_backward, mean_pool_forward, patch_embed_backward,
-                     patch_embed_forward, residual_backward, residual_forward, token_mixing_backward,
-                     token_mixing_forward)
+from . import backend, ops
+from .layers import drop_path_mask
 from .parameters import Parameters
 from .weights import WeightsError, read_weights, timm_to_official
 
@@ -31,13 +28,14 @@ BLOCK_PARAMETERS = ["gamma_1", "gamma_2", "norm1.alpha", "norm1.beta", "attn.wei
                     "norm2.alpha", "norm2.beta", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
 
 
-def create_model(name, device="cpu", dtype="float32", seed=0, **overrides):
+def create_model(name, device="cpu", dtype="float32", seed=0, fast=True, **overrides):
     """A ResMLP preset by name; any of its settings (num_classes, img_size, patch_size, dim, depth,
-    layerscale_init, drop_path) can be overridden."""
+    layerscale_init, drop_path) can be overridden. fast=False runs the reference layers only
+    (minimlp.ops: the fast path of the device is chosen here, once)."""
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(PRESETS)}")
     config = {**PRESETS[name], **{key: value for key, value in overrides.items() if value is not None}}
-    return ResMLP(**config, device=device, dtype=dtype, seed=seed, name=name)
+    return ResMLP(**config, device=device, dtype=dtype, seed=seed, name=name, fast=fast)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,46 +43,49 @@ def create_model(name, device="cpu", dtype="float32", seed=0, **overrides):
 #   z = x + drop_path(gamma_1 * attn(norm1(x)))          token mixing across patches
 #   y = z + drop_path(gamma_2 * fc2(GELU(fc1(norm2(z)))))  channel MLP, d -> 4d -> d
 # The three Linears leave their bias to the layer after them (GELU, residual_forward), which adds it in
-# its own pass over the activations: on the GPU that pass is one fused kernel (minimlp.kernels).
+# its own pass over the activations; a fast path (minimlp.ops) does each such pass as one fused loop.
+# `op` is the namespace of operations the model runs (minimlp.ops.select): the reference layers, or
+# a fast path with the same functions.
 # ---------------------------------------------------------------------------------------------
-def block_forward(tokens, p, masks=(None, None)):
+def block_forward(tokens, p, masks=(None, None), op=ops.REFERENCE_OPERATIONS):
     """p: the block's parameters by short name (BLOCK_PARAMETERS); masks: drop-path masks (B,) or None."""
     patches, images, dim = tokens.shape
-    normed, norm1 = affine_forward(tokens, p["norm1.alpha"], p["norm1.beta"])
-    mixed, attn = token_mixing_forward(normed, p["attn.weight"], None)
-    middle, residual1 = residual_forward(tokens, mixed, p["attn.bias"][:, None, None], p["gamma_1"], masks[0])
+    normed, norm1 = op.affine_forward(tokens, p["norm1.alpha"], p["norm1.beta"])
+    mixed, attn = op.token_mixing_forward(normed, p["attn.weight"], None)
+    middle, residual1 = op.residual_forward(tokens, mixed, p["attn.bias"][:, None, None], p["gamma_1"], masks[0])
 
-    normed, norm2 = affine_forward(middle, p["norm2.alpha"], p["norm2.beta"])
-    hidden, fc1 = linear_forward(normed.reshape(patches * images, dim), p["mlp.fc1.weight"], None)
-    activated, act = bias_gelu_forward(hidden, p["mlp.fc1.bias"])
-    channel_out, fc2 = linear_forward(activated, p["mlp.fc2.weight"], None)
-    out, residual2 = residual_forward(middle, channel_out.reshape(tokens.shape), p["mlp.fc2.bias"], p["gamma_2"],
-                                      masks[1])
+    normed, norm2 = op.affine_forward(middle, p["norm2.alpha"], p["norm2.beta"])
+    hidden, fc1 = op.linear_forward(normed.reshape(patches * images, dim), p["mlp.fc1.weight"], None)
+    activated, act = op.bias_gelu_forward(hidden, p["mlp.fc1.bias"])
+    channel_out, fc2 = op.linear_forward(activated, p["mlp.fc2.weight"], None)
+    out, residual2 = op.residual_forward(middle, channel_out.reshape(tokens.shape), p["mlp.fc2.bias"],
+                                         p["gamma_2"], masks[1])
     return out, (norm1, attn, residual1, norm2, fc1, act, fc2, residual2)
 
 
-def block_backward(dout, cache):
+def block_backward(dout, cache, op=ops.REFERENCE_OPERATIONS):
     """dout (N, B, d) -> (dtokens, {short name: gradient}). A residual passes its gradient through
     unchanged and adds the branch's: dx = dy + d(branch)/dx."""
     norm1, attn, residual1, norm2, fc1, act, fc2, residual2 = cache
     grads = {}
-    dchannel_out, grads["gamma_2"] = residual_backward(dout, residual2)
-    dactivated, grads["mlp.fc2.weight"], grads["mlp.fc2.bias"] = linear_backward(
+    dchannel_out, grads["gamma_2"] = op.residual_backward(dout, residual2)
+    dactivated, grads["mlp.fc2.weight"], grads["mlp.fc2.bias"] = op.linear_backward(
         dchannel_out.reshape(-1, dout.shape[-1]), fc2)
-    dhidden = gelu_backward(dactivated, act)
-    dnormed, grads["mlp.fc1.weight"], grads["mlp.fc1.bias"] = linear_backward(dhidden, fc1)
-    dnormed_middle, grads["norm2.alpha"], grads["norm2.beta"] = affine_backward(dnormed.reshape(dout.shape), norm2)
+    dhidden = op.gelu_backward(dactivated, act)
+    dnormed, grads["mlp.fc1.weight"], grads["mlp.fc1.bias"] = op.linear_backward(dhidden, fc1)
+    dnormed_middle, grads["norm2.alpha"], grads["norm2.beta"] = op.affine_backward(dnormed.reshape(dout.shape),
+                                                                                   norm2)
     dmiddle = dout + dnormed_middle
 
-    dmixed, grads["gamma_1"] = residual_backward(dmiddle, residual1)
-    dnormed, grads["attn.weight"], grads["attn.bias"] = token_mixing_backward(dmixed, attn)
-    dnormed_tokens, grads["norm1.alpha"], grads["norm1.beta"] = affine_backward(dnormed, norm1)
+    dmixed, grads["gamma_1"] = op.residual_backward(dmiddle, residual1)
+    dnormed, grads["attn.weight"], grads["attn.bias"] = op.token_mixing_backward(dmixed, attn)
+    dnormed_tokens, grads["norm1.alpha"], grads["norm1.beta"] = op.affine_backward(dnormed, norm1)
     return dmiddle + dnormed_tokens, grads
 
 
 class ResMLP:
     def __init__(self, num_classes, img_size, patch_size, dim, depth, layerscale_init, drop_path=0.0,
-                 in_chans=3, mlp_ratio=4, device="cpu", dtype="float32", seed=0, name="resmlp"):
+                 in_chans=3, mlp_ratio=4, device="cpu", dtype="float32", seed=0, name="resmlp", fast=True):
         if patch_size < 1 or img_size < patch_size:
             raise ValueError(f"patch_size must be between 1 and img_size {img_size}, got {patch_size}")
         if img_size % patch_size:
@@ -97,6 +98,7 @@ class ResMLP:
         self.device = backend.resolve_device(device)
         self.xp = backend.get_module(self.device)
         self.dtype = np.dtype(dtype)
+        self.ops = ops.select(self.device, self.dtype, fast)  # the reference layers, or the device's fast path
         self.num_patches = (img_size // patch_size) ** 2
         self.parameters = Parameters(self._shapes(), self.xp, self.dtype)
         self.params, self.grads = self.parameters.values, self.parameters.grads
@@ -158,15 +160,16 @@ class ResMLP:
                              f"got {tuple(images.shape)}")
         batch = images.shape[0]
         self.free_activations()  # the previous batch's, before this one allocates its own
-        tokens, embed = patch_embed_forward(images, self.params["patch_embed.proj.weight"],
-                                            self.params["patch_embed.proj.bias"])
+        op = self.ops
+        tokens, embed = op.patch_embed_forward(images, self.params["patch_embed.proj.weight"],
+                                               self.params["patch_embed.proj.bias"])
         blocks = []
         for p in self._block_params:
-            tokens, block = block_forward(tokens, p, self._drop_path_masks(batch) if train else (None, None))
+            tokens, block = block_forward(tokens, p, self._drop_path_masks(batch) if train else (None, None), op)
             blocks.append(block)
-        normed, norm = affine_forward(tokens, self.params["norm.alpha"], self.params["norm.beta"])
-        pooled, pool = mean_pool_forward(normed)
-        logits, head = linear_forward(pooled, self.params["head.weight"], self.params["head.bias"])
+        normed, norm = op.affine_forward(tokens, self.params["norm.alpha"], self.params["norm.beta"])
+        pooled, pool = op.mean_pool_forward(normed)
+        logits, head = op.linear_forward(pooled, self.params["head.weight"], self.params["head.bias"])
         self._cache = (embed, blocks, norm, pool, head)
         return logits
 
@@ -176,16 +179,16 @@ class ResMLP:
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first")
         embed, blocks, norm, pool, head = self._cache
-        grads = self.grads
+        grads, op = self.grads, self.ops
         dlogits = backend.to_device(dlogits, self.device, self.dtype)
-        dpooled, grads["head.weight"][...], grads["head.bias"][...] = linear_backward(dlogits, head)
-        dnormed = mean_pool_backward(dpooled, pool)
-        dtokens, grads["norm.alpha"][...], grads["norm.beta"][...] = affine_backward(dnormed, norm)
+        dpooled, grads["head.weight"][...], grads["head.bias"][...] = op.linear_backward(dlogits, head)
+        dnormed = op.mean_pool_backward(dpooled, pool)
+        dtokens, grads["norm.alpha"][...], grads["norm.beta"][...] = op.affine_backward(dnormed, norm)
         for i in reversed(range(len(blocks))):
-            dtokens, block_grads = block_backward(dtokens, blocks[i])
+            dtokens, block_grads = block_backward(dtokens, blocks[i], op)
             for short, value in block_grads.items():
                 grads[f"blocks.{i}.{short}"][...] = value
-        dimages, grads["patch_embed.proj.weight"][...], grads["patch_embed.proj.bias"][...] = patch_embed_backward(
+        dimages, grads["patch_embed.proj.weight"][...], grads["patch_embed.proj.bias"][...] = op.patch_embed_backward(
             dtokens, embed, need_dimages)
         self.free_activations()
         return dimages

@@ -17,8 +17,7 @@ import math
 
 import numpy as np
 
-from . import kernels
-from .backend import to_numpy
+from .backend import get_xp, to_numpy
 
 
 def clip_grad_norm(parameters, max_norm):
@@ -114,30 +113,35 @@ class AdamW(Optimizer):
         self.betas = tuple(float(beta) for beta in betas)
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
-        self.denom = self.xp.empty_like(self.m)  # scratch buffer for sqrt(v_hat) + eps
+        self.update = model.ops.adamw_update  # the reference below, or the model's fast path (minimlp.ops)
 
     def step(self):
-        xp, p, g, m, v = self.xp, self.parameters.data, self.parameters.grad, self.m, self.v
         beta1, beta2 = self.betas
         self.step_count += 1
         bias1, bias2 = 1 - beta1 ** self.step_count, 1 - beta2 ** self.step_count
-        if kernels.available(p):  # the GPU: all of the below in one pass over the buffers
-            return kernels.adamw_update(p, g, m, v, self.decay_mask, self.lr * self.weight_decay, self.betas,
-                                        self.lr / bias1, math.sqrt(bias2), self.eps)
-        # p <- p - lr * wd * mask * p
-        if self.weight_decay:
-            p -= (self.lr * self.weight_decay) * self.decay_mask * p
-        # m <- b1 m + (1 - b1) g
-        m *= beta1
-        m += (1 - beta1) * g
-        # v <- b2 v + (1 - b2) g^2
-        v *= beta2
-        v += (1 - beta2) * g * g
-        # p <- p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
-        xp.sqrt(v, out=self.denom)
-        self.denom /= math.sqrt(bias2)
-        self.denom += self.eps
-        p -= (self.lr / bias1) * m / self.denom
+        self.update(self.parameters.data, self.parameters.grad, self.m, self.v, self.decay_mask,
+                    self.lr * self.weight_decay, self.betas, self.lr / bias1, math.sqrt(bias2), self.eps)
+
+
+def adamw_update(param, grad, m, v, decay_mask, lr_decay, betas, step_size, sqrt_bias2, eps):
+    """One AdamW update over the flat buffers, in place on param, m and v (the reference; fast paths offer
+    the same function). lr_decay = lr * weight_decay; step_size = lr / (1 - b1^t); sqrt_bias2 = sqrt(1 - b2^t)."""
+    xp = get_xp(param)
+    beta1, beta2 = betas
+    # p <- p - lr * wd * mask * p
+    if lr_decay:
+        param -= lr_decay * decay_mask * param
+    # m <- b1 m + (1 - b1) g
+    m *= beta1
+    m += (1 - beta1) * grad
+    # v <- b2 v + (1 - b2) g^2
+    v *= beta2
+    v += (1 - beta2) * grad * grad
+    # p <- p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    denominator = xp.sqrt(v)
+    denominator /= sqrt_bias2
+    denominator += eps
+    param -= step_size * m / denominator
 
 
 class Lamb(Optimizer):

@@ -2,7 +2,7 @@
 an evaluation each epoch, a log line and a checkpoint each epoch, exact resume, Ctrl-C saves.
 
 The state that makes resume exact (and that a checkpoint therefore holds): the weights, the
-optimizer's moments and step, the drop-path generator, the loss scaler under --amp (minimlp.precision),
+optimizer's moments and step, the drop-path generator, the loss scaler under --amp (minimlp.loss_scaling),
 and where the run stands (epoch, next batch, global step, the partial epoch's loss sum). Batches depend only on (seed, epoch, batch index)
 (minimlp.loader), and the learning rate only on the global step (minimlp.schedule).
 """
@@ -14,12 +14,14 @@ import numpy as np
 from tqdm import tqdm
 
 from . import backend
-from .checkpoint import save_checkpoint
+from .checkpoint import save_run
 from .device_feed import DeviceFeed
+from .loss_scaling import NoLossScaling
 from .losses import cross_entropy
-from .optim import AdamW, Lamb, clip_grad_norm
+from .optim import AdamW, Lamb
 from .precision import autocast
 from .schedule import lr_at
+from .step import train_step
 
 
 READ_LOSS_EVERY = 20  # steps between reading the training loss back from the device (for the bar, the sum)
@@ -89,10 +91,10 @@ class CtrlC:
 class Trainer:
     """Wires a model, an optimizer and two loaders to the loop. `settings` is the run's configuration
     (train.py's parsed flags as a dict); `position` where to continue (from a checkpoint); `scaler` a
-    precision.LossScaler for mixed precision (--amp), None for float32 throughout."""
+    loss_scaling.LossScaler for mixed precision (--amp), NoLossScaling for float32 throughout."""
 
     def __init__(self, model, optimizer, train_loader, val_loader, classes, settings, output, position=None,
-                 scaler=None):
+                 scaler=NoLossScaling()):
         self.model, self.optimizer = model, optimizer
         self.train_loader, self.val_loader = train_loader, val_loader
         self.classes, self.settings, self.output = classes, settings, output
@@ -142,7 +144,7 @@ class Trainer:
                 self.read_losses(pending)
                 bar.set_postfix(loss=f"{p['loss_sum'] / p['images']:.4f}", lr=f"{self.optimizer.lr:.2e}",
                                 img_s=f"{p['images'] / max(p['seconds'], 1e-9):.0f}", refresh=False,
-                                **({} if self.scaler is None else dict(skipped=self.scaler.skipped_steps)))
+                                **(dict(skipped=self.scaler.skipped_steps) if self.scaler.half_precision else {}))
             if ctrl_c.pressed:
                 bar.close()
                 self.save("checkpoint.npz")
@@ -167,31 +169,17 @@ class Trainer:
         pending.clear()
 
     def train_step(self, x, y):
-        """One optimizer step on a normalized batch on the device; returns the batch's mean loss, a 0-d
-        array left on the device (reading it would make the host wait for the GPU at every step).
-        Under --amp a step whose gradients hold inf or NaN is skipped (the loss scaler lowers its scale)."""
+        """One step of minimlp.step.train_step at the run's learning rate; returns the loss left on the device.
+        Says so when --amp's loss scaler skips a step."""
         s = self.settings
-        with autocast(self.scaler is not None):
-            logits = self.model.forward(x, train=True)
-            loss, dlogits = cross_entropy(logits, y, smoothing=s["smoothing"])
-            self.model.backward(dlogits if self.scaler is None else self.scaler.scale_gradient(dlogits))
-        finite = self.scaler is None or self.scaler.unscale(self.model.parameters)
-        if finite:
-            if s["clip_grad"]:
-                clip_grad_norm(self.model.parameters, s["clip_grad"])
-            self.optimizer.lr = self.learning_rate(self.position["global_step"])
-            self.optimizer.step()
-        if self.scaler is not None:
-            self.update_scaler(finite)
-        return loss
-
-    def update_scaler(self, finite):
         scale = self.scaler.scale
-        self.scaler.update(finite)
+        loss, finite = train_step(self.model, self.optimizer, x, y, self.learning_rate(self.position["global_step"]),
+                                  self.scaler, smoothing=s["smoothing"], clip_grad=s["clip_grad"])
         if not finite:
             tqdm.write(f"step {self.position['global_step'] + 1}: inf/NaN gradients at loss scale {scale:g}, "
                        f"step skipped (loss scale now {self.scaler.scale:g}; "
                        f"{self.scaler.skipped_steps} skipped so far)")
+        return loss
 
     def end_epoch(self, ctrl_c):
         """Evaluate, log, checkpoint, and move the position to the next epoch."""
@@ -200,12 +188,12 @@ class Trainer:
             self.save("checkpoint.npz")
             raise Interrupted(f"stopped after the training part of epoch {p['epoch'] + 1}; continue with "
                               f"--resume {self.output / 'checkpoint.npz'}")
-        metrics = evaluate(self.model, self.val_loader, self.feed, amp=self.scaler is not None)
+        metrics = evaluate(self.model, self.val_loader, self.feed, amp=self.scaler.half_precision)
         record = dict(epoch=p["epoch"] + 1, train_loss=p["loss_sum"] / max(p["images"], 1), **metrics,
                       lr=self.optimizer.lr, images_per_s=p["images"] / max(p["seconds"], 1e-9),
                       seconds=p["seconds"])
         extra = ""
-        if self.scaler is not None:  # AMP runs only: steps skipped so far in the run, and the loss scale now
+        if self.scaler.half_precision:  # AMP runs only: steps skipped so far in the run, and the loss scale now
             record.update(skipped_steps=self.scaler.skipped_steps, loss_scale=self.scaler.scale)
             extra += f"  {record['skipped_steps']} skipped steps"
         if self.model.device == "gpu":  # GPU runs only
@@ -231,7 +219,5 @@ class Trainer:
 
     # -----------------------------------------------------------------------------------------
     def save(self, filename):
-        meta = dict(position=self.position, classes=self.classes, model=self.model.config, settings=self.settings,
-                    drop_path_rng=self.model.drop_path_rng.bit_generator.state,
-                    loss_scaler=None if self.scaler is None else self.scaler.state_dict())
-        save_checkpoint(self.output / filename, self.model.state_dict(), self.optimizer.state_dict(), meta)
+        save_run(self.output / filename, self.model, self.optimizer, self.scaler, self.position, self.classes,
+                 self.settings)

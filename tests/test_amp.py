@@ -1,4 +1,4 @@
-"""Mixed precision (minimlp.precision): float16 matmuls with float32 accumulation, the loss scaler, a
+"""Mixed precision (minimlp.precision, minimlp.loss_scaling): float16 matmuls with float32 accumulation, the loss scaler, a
 skipped step, training that matches float32, and exact resume of an --amp run with its loss scale.
 
 On the CPU the float16 matmul is emulated (operands rounded to float16, multiplied in float32); the
@@ -13,9 +13,10 @@ import pytest
 
 from minimlp import create_model
 from minimlp.checkpoint import load_checkpoint, save_checkpoint
+from minimlp.loss_scaling import LossScaler, NoLossScaling
 from minimlp.optim import AdamW
-from minimlp.precision import AMP_DTYPE, LossScaler, autocast, matmul
-from minimlp.trainer import Trainer
+from minimlp.precision import AMP_DTYPE, autocast, matmul
+from minimlp.step import train_step
 from tests.test_train import FAST, ROOT, read_log, train
 
 
@@ -82,12 +83,18 @@ def test_unscale_is_exact_and_one_inf_or_nan_is_found(xp):
         assert not scaler.unscale(model.parameters)
 
 
-def tiny_trainer(amp, scale=2.0 ** 16):
-    model = create_model("resmlp_tiny", img_size=16, seed=0)
-    settings = dict(epochs=1, warmup_epochs=0, lr=1e-3, min_lr=1e-5, warmup_lr=1e-6, smoothing=0.1, clip_grad=1.0)
-    scaler = LossScaler(init_scale=scale) if amp else None
-    trainer = Trainer(model, AdamW(model, lr=1e-3), [None] * 4, None, None, settings, None, scaler=scaler)
-    return trainer, model
+class TinyRun:
+    """resmlp_tiny at 16 px and its optimizer, stepped by the one training step (minimlp.step)."""
+
+    def __init__(self, amp, scale=2.0 ** 16):
+        self.model = create_model("resmlp_tiny", img_size=16, seed=0)
+        self.optimizer = AdamW(self.model, lr=1e-3)
+        self.scaler = LossScaler(init_scale=scale) if amp else NoLossScaling()
+
+    def train_step(self, images, labels):
+        loss, _ = train_step(self.model, self.optimizer, images, labels, 1e-3, self.scaler, smoothing=0.1,
+                             clip_grad=1.0)
+        return float(loss)
 
 
 def batch(seed):
@@ -96,7 +103,8 @@ def batch(seed):
 
 
 def test_a_step_with_overflowing_gradients_is_skipped_and_the_next_one_taken():
-    trainer, model = tiny_trainer(amp=True, scale=2.0 ** 40)  # S * gradients beyond float16's 65504
+    trainer = TinyRun(amp=True, scale=2.0 ** 40)  # S * gradients beyond float16's 65504
+    model = trainer.model
     before = model.parameters.data.copy()
     trainer.train_step(*batch(0))
     assert trainer.scaler.skipped_steps == 1 and trainer.scaler.scale == 2.0 ** 39
@@ -110,7 +118,7 @@ def test_amp_steps_follow_float32_steps():
     """Ten steps on the same batches: float16 matmul inputs change the losses by a fraction of a percent."""
     losses = {}
     for amp in (False, True):
-        trainer, _ = tiny_trainer(amp)
+        trainer = TinyRun(amp)
         losses[amp] = [trainer.train_step(*batch(step % 3)) for step in range(10)]
         if amp:
             assert trainer.scaler.skipped_steps == 0

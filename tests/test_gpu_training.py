@@ -21,11 +21,12 @@ import pytest
 from minimlp import create_model
 from minimlp.backend import gpu_available
 from minimlp.checkpoint import load_checkpoint
+from minimlp.device_feed import DeviceFeed
 from minimlp.loader import Loader
+from minimlp.loss_scaling import LossScaler, NoLossScaling
 from minimlp.optim import AdamW
-from minimlp.precision import LossScaler
+from minimlp.step import train_step
 from minimlp.synthetic import ensure_shapes_dataset
-from minimlp.trainer import Trainer
 from tests.conftest import GPU_SKIP_REASON
 from tests.imagetools import save_image
 from tests.test_train import FAST, read_log, train
@@ -69,13 +70,12 @@ def test_imagenet_shaped_steps_match_the_cpu(tmp_path, amp):
     samples = [(save_image(tmp_path / f"img{i}.JPEG", size=(256 + 8 * i, 200), seed=i), int(rng.integers(1000)))
                for i in range(12)]
     loader = Loader(Samples(samples), batch_size=4, train=True, img_size=224, seed=0, workers=0)
-    settings = dict(epochs=1, warmup_epochs=0, lr=5e-4, min_lr=1e-5, warmup_lr=1e-6, smoothing=0.1, clip_grad=0.0)
     losses = {}
     for device in ("cpu", "gpu"):
         model = create_model("resmlp_s12", device=device, seed=0, drop_path=0.05)
-        trainer = Trainer(model, AdamW(model, lr=5e-4), loader, None, None, settings, None,
-                          scaler=LossScaler() if amp else None)
-        losses[device] = [trainer.train_step(x, y) for x, y in trainer.feed.batches(loader.epoch(0))]
+        optimizer, scaler = AdamW(model, lr=5e-4), LossScaler() if amp else NoLossScaling()
+        losses[device] = [float(train_step(model, optimizer, x, y, 5e-4, scaler, smoothing=0.1)[0])
+                          for x, y in DeviceFeed(device, model.dtype).batches(loader.epoch(0))]
     assert len(losses["gpu"]) == 3
     # step 1: the same weights and images, float32 sums in another order; later steps: after AdamW updates,
     # whose first steps are lr * sign(g) and so amplify the tiny differences of near-zero gradients

@@ -6,7 +6,7 @@ import io
 import numpy as np
 import pytest
 
-from minimlp import create_model
+from minimlp import create_model, ops
 from minimlp.backend import to_numpy
 from minimlp.gradcheck import relative_error
 from minimlp.losses import cross_entropy
@@ -30,6 +30,7 @@ class Quadratic:
     def __init__(self, xp, seed=0):
         rng = np.random.default_rng(seed)
         self.parameters = Parameters(SHAPES, xp, "float64")
+        self.ops = ops.REFERENCE_OPERATIONS  # what AdamW takes its update from (float64: the reference)
         size = self.parameters.size
         magnitude = np.concatenate([np.full(np.prod(shape), MAGNITUDES[name]) for name, shape in SHAPES.items()])
         self.parameters.data[...] = xp.asarray(magnitude * rng.normal(size=size))
@@ -236,7 +237,8 @@ def test_load_state_dict_errors(xp):
     state = AdamW(model).state_dict()
     with pytest.raises(ValueError, match="for 'AdamW', not Lamb"):
         Lamb(model).load_state_dict(state)
-    smaller = type("Model", (), {"parameters": Parameters({"weight": (5, 4)}, xp, "float64")})()
+    smaller = type("Model", (), {"parameters": Parameters({"weight": (5, 4)}, xp, "float64"),
+                                 "ops": ops.REFERENCE_OPERATIONS})()
     with pytest.raises(ValueError, match=f"m of size {model.parameters.size}, but the model has 20 parameters"):
         AdamW(smaller).load_state_dict(state)
     del state["v"]

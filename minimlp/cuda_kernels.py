@@ -1,33 +1,22 @@
-"""Fused CUDA kernels: an optional fast path for CuPy arrays, beside the plain `xp` code.
+"""Fused CUDA kernels: the GPU's fast path, beside the plain `xp` reference (minimlp.layers).
 
 Every NumPy-style operation on the GPU is one kernel that reads its inputs from memory and writes
 its result back; the elementwise parts of a training step are limited by those bytes, not by
-arithmetic. Each kernel here does in one pass what the plain code in layers.py, losses.py and
-optim.py does in several (benchmarks/NOTES.md counts the bytes). The plain code stays the
-reference: tests/test_kernels.py checks every kernel against it. Callers switch with one line,
-
-    if kernels.available(x):
-        return kernels.gelu_backward(dy, x, cdf)
-
-`available(x)` is true for a CuPy float32/float64 array while `kernels.enabled` is true: on by
-default, off with MINIMLP_FUSED=0 in the environment or `kernels.enabled = False` (to benchmark or
-test the plain path). Other dtypes (float16 activations) take the plain path. Each function
-returns exactly what the plain code returns, cache included, so fused and plain halves mix freely.
+arithmetic. Each kernel here does in one pass what the reference does in several
+(benchmarks/NOTES.md counts the bytes). The functions listed in OPERATIONS have the names,
+signatures and results (caches included) of the reference functions they replace; minimlp.ops
+chooses them once, when a model is built on the GPU with fast=True, and tests/test_fast_paths.py
+checks each against the reference on the same inputs. They take CuPy float32/float64 arrays.
 CuPy is imported, and a kernel compiled, only when one is first used (CuPy caches them on disk).
 """
 import functools
 import math
-import os
 
 import numpy as np
 
-enabled = os.environ.get("MINIMLP_FUSED", "1") != "0"
-FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def available(array):
-    """Whether the fused path handles `array`: a CuPy float32/float64 array, kernels enabled."""
-    return enabled and type(array).__module__.startswith("cupy") and array.dtype in FUSED_DTYPES
+OPERATIONS = ("affine_forward", "bias_gelu_forward", "gelu_backward", "residual_forward", "residual_backward",
+              "softmax_cross_entropy", "adamw_update")
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _elementwise(name, in_params, out_params, operation):
@@ -85,7 +74,8 @@ def bias_gelu_forward(x, bias):
     return activated, (x, cdf)
 
 
-def gelu_backward(dy, x, cdf):
+def gelu_backward(dy, cache):
+    x, cdf = cache
     return _gelu_backward()(dy, x, cdf)
 
 
@@ -110,7 +100,8 @@ def residual_forward(x, branch, bias, gamma, mask):
     return y, ((branch, gamma), mask)  # the plain path's cache: (layer_scale cache, mask)
 
 
-def residual_backward(dy, branch, gamma, mask):
+def residual_backward(dy, cache):
+    (branch, gamma), mask = cache
     scale = _scale_of(mask)
     return _residual_backward()(dy, gamma, scale), _scaled_product_sum()(dy, branch, scale, axis=(0, 1))
 
@@ -167,8 +158,8 @@ def _cross_entropy_module():
                           name_expressions=[f"cross_entropy_rows<{t}>" for t in _CROSS_ENTROPY_TYPES.values()])
 
 
-def cross_entropy(logits, target_probs):
-    """logits, target_probs (B, C) -> (loss 0-d, dlogits (B, C)), as losses.cross_entropy."""
+def softmax_cross_entropy(logits, target_probs):
+    """logits, target_probs (B, C) -> (loss 0-d, dlogits (B, C)), as losses.softmax_cross_entropy."""
     import cupy
     batch, classes = logits.shape
     logits = cupy.ascontiguousarray(logits)

@@ -1,0 +1,54 @@
+"""Which implementation of each operation a model runs: chosen once, when the model is built.
+
+The reference is plain `xp` code that reads like the math: the layers of minimlp.layers, the loss of
+minimlp.losses and the optimizer update of minimlp.optim. A fast path is a module that offers some of
+the same functions, with the same signatures and the same results (caches included), doing the work
+in fewer passes over memory:
+
+    minimlp.cuda_kernels   fused CUDA kernels, for CuPy arrays on the GPU
+    minimlp.cpu_kernels    fused, multi-threaded loops compiled by Numba, for NumPy arrays on the CPU
+
+`select(device, dtype, fast)` starts from the reference and replaces what the device's fast module
+offers (its OPERATIONS). The model keeps the result as `model.ops`; nothing tests for a fast path on
+every call, and there is no global switch. tests/test_fast_paths.py runs every fast operation and
+the reference on the same inputs.
+"""
+import importlib
+from types import SimpleNamespace
+
+import numpy as np
+
+from . import layers, losses, optim
+
+REFERENCE = dict(
+    affine_forward=layers.affine_forward, affine_backward=layers.affine_backward,
+    linear_forward=layers.linear_forward, linear_backward=layers.linear_backward,
+    token_mixing_forward=layers.token_mixing_forward, token_mixing_backward=layers.token_mixing_backward,
+    bias_gelu_forward=layers.bias_gelu_forward, gelu_backward=layers.gelu_backward,
+    patch_embed_forward=layers.patch_embed_forward, patch_embed_backward=layers.patch_embed_backward,
+    residual_forward=layers.residual_forward, residual_backward=layers.residual_backward,
+    mean_pool_forward=layers.mean_pool_forward, mean_pool_backward=layers.mean_pool_backward,
+    softmax_cross_entropy=losses.softmax_cross_entropy, adamw_update=optim.adamw_update,
+)
+REFERENCE_OPERATIONS = SimpleNamespace(name="reference", **REFERENCE)
+FAST_MODULES = {"gpu": "minimlp.cuda_kernels", "cpu": "minimlp.cpu_kernels"}
+
+
+def fast_module(device, dtype):
+    """The fast-path module for arrays of `dtype` on `device` ('cpu' or 'gpu'), or None where there is
+    none (the CPU one needs Numba: without it, the reference runs)."""
+    try:
+        module = importlib.import_module(FAST_MODULES[device])
+    except ImportError:
+        return None
+    return module if np.dtype(dtype) in module.DTYPES else None
+
+
+def select(device, dtype, fast=True):
+    """The operations a model on `device` with parameters of `dtype` runs. `name` says which path:
+    'reference', or the fast module's name."""
+    module = fast_module(device, dtype) if fast else None
+    if module is None:
+        return REFERENCE_OPERATIONS
+    fast_operations = {name: getattr(module, name) for name in module.OPERATIONS}
+    return SimpleNamespace(**{**REFERENCE, **fast_operations, "name": module.__name__.rsplit(".", 1)[1]})
