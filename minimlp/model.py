@@ -15,7 +15,7 @@ from .layers import drop_path_mask
 from .parameters import Parameters
 from .weights import WeightsError, read_weights, timm_to_official
 
-# REFERENCE.md's table; resmlp_tiny is ours, for CPU experiments on 32 px images.
+# docs/reference.md, Presets; resmlp_tiny is ours, for CPU experiments on 32 px images.
 PRESETS = {
     "resmlp_tiny": dict(img_size=32, patch_size=4, dim=128, depth=6, layerscale_init=0.1, num_classes=10),
     "resmlp_s12": dict(img_size=224, patch_size=16, dim=384, depth=12, layerscale_init=0.1, num_classes=1000),
@@ -127,7 +127,7 @@ class ResMLP:
         return {short: self.params[f"blocks.{i}.{short}"] for short in BLOCK_PARAMETERS}
 
     def initialize(self, seed):
-        """The official initialization (REFERENCE.md), drawn on the host so every device gets the same
+        """The official initialization (docs/reference.md, Initialization), drawn on the host so every device gets the same
         numbers: Linear weights trunc_normal(std 0.02), biases 0; the patch-embedding conv as PyTorch's
         Conv2d default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias; Affine alpha 1, beta 0;
         LayerScale gammas at layerscale_init."""

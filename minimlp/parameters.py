@@ -31,7 +31,7 @@ class Parameters:
 
     def decay_mask(self):
         """1 for weights that take weight decay (matrices, conv kernels), 0 for 1-D parameters:
-        Affine alpha/beta, LayerScale gammas and biases (REFERENCE.md: no decay on 1-D)."""
+        Affine alpha/beta, LayerScale gammas and biases (docs/reference.md, Training recipe: no decay on 1-D)."""
         mask = np.zeros(self.size, dtype=self.dtype)
         for name, shape in self.shapes.items():
             if len(shape) > 1:
