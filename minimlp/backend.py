@@ -78,34 +78,42 @@ def _one_line(error):
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
+def _load_nvrtc(cupy):
+    cupy.cuda.nvrtc.getVersion()
+
+
+def _load_cublas(cupy):
+    from cupy_backends.cuda.libs import cublas  # noqa: F401  loads libcublas and libcublasLt
+    cupy.cuda.device.get_cublas_handle()
+
+
+def _run_probe_kernel(cupy):
+    probe = cupy.ElementwiseKernel("T x", "T y", "y = x + T(1)", "minimlp_probe")  # CuPy's headers, compiled by NVRTC
+    if float(probe(cupy.zeros(1, dtype=np.float32))[0]) != 1.0:
+        raise RuntimeError("the probe kernel ran but returned a wrong value: check the driver (nvidia-smi)")
+
+
+GPU_LIBRARY_CHECKS = (  # what is loaded, what it is for (in the error), how
+    ("NVRTC", "CUDA's runtime compiler, which builds every kernel", _load_nvrtc),
+    ("cuBLAS", "which does every matrix product", _load_cublas),
+    ("a probe kernel", "most often failing for want of the CUDA headers", _run_probe_kernel),
+)
+
+
 @functools.cache
 def check_gpu_libraries(nccl=False):
-    """Load, before any work, what the GPU path needs beyond the driver: NVRTC (CUDA's runtime compiler: every
-    kernel is compiled at its first launch), cuBLAS (every matrix product), the CUDA headers (a probe kernel
-    is compiled and run), and NCCL if nccl (several GPUs). Without this, each one missing is a traceback in
-    the middle of a run. Raises DeviceError: one line saying what failed and what to install."""
+    """Load, before any work, what the GPU path needs beyond the driver: NVRTC (every kernel is compiled at its
+    first launch), cuBLAS (every matrix product), the CUDA headers (a probe kernel is compiled and run), and
+    NCCL if nccl (training on several GPUs). Without this, each one missing is a traceback in the middle of a
+    run. Raises DeviceError: one line saying what failed and what to install."""
     import cupy
-    install = cupy_install_hint()
-    try:
-        cupy.cuda.nvrtc.getVersion()
-    except Exception as error:
-        raise DeviceError(f"--device gpu: CuPy cannot load NVRTC, CUDA's runtime compiler, which builds every "
-                          f"kernel ({_one_line(error)}); {install}") from None
-    try:
-        from cupy_backends.cuda.libs import cublas  # noqa: F401  loads libcublas and libcublasLt
-        cupy.cuda.device.get_cublas_handle()
-    except Exception as error:
-        raise DeviceError(f"--device gpu: CuPy cannot load cuBLAS, which does every matrix product "
-                          f"({_one_line(error)}); {install}") from None
-    try:
-        probe = cupy.ElementwiseKernel("T x", "T y", "y = x + T(1)", "minimlp_probe")
-        works = float(probe(cupy.zeros(1, dtype=np.float32))[0]) == 1.0
-    except Exception as error:
-        raise DeviceError(f"--device gpu: CuPy cannot compile and run a kernel, most often because the CUDA "
-                          f"headers are missing ({_one_line(error)}); {install}") from None
-    if not works:
-        raise DeviceError("--device gpu: a probe kernel ran but returned a wrong value: check the driver "
-                          "(nvidia-smi) and that the cupy-cudaXXx package matches it")
+    for what, role, load in GPU_LIBRARY_CHECKS:
+        try:
+            load(cupy)
+        except Exception as error:
+            verb = "compile and run" if load is _run_probe_kernel else "load"
+            raise DeviceError(f"--device gpu: CuPy cannot {verb} {what}, {role} ({_one_line(error)}); "
+                              f"{cupy_install_hint()}") from None
     if nccl:
         with warnings.catch_warnings():  # CuPy warns when NCCL is missing; the error below says it once
             warnings.simplefilter("ignore")

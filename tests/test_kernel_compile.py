@@ -25,6 +25,7 @@ import functools
 import inspect
 import math
 import os
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -519,3 +520,75 @@ def test_generated_sources_are_the_ones_cupy_compiles(dtype, recording, monkeypa
                                                     or name.endswith(f"<{TYPE_NAMES[dtype]}>")}
     mismatched = sorted({launch.function for launch in ours if launch.prepared()[0] not in handed_to_compiler})
     assert not mismatched, f"the source built here is not the one CuPy compiled, for: {mismatched}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The other half of first contact: `--device gpu` checks at start that CuPy's CUDA libraries load
+# (minimlp.backend.check_gpu_libraries), instead of a traceback at the first kernel or matmul.
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_check():
+    backend.check_gpu_libraries.cache_clear()
+    yield backend.check_gpu_libraries
+    backend.check_gpu_libraries.cache_clear()
+
+
+def cublas_loads():
+    try:
+        from cupy_backends.cuda.libs import cublas  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(cublas_loads(), reason="cuBLAS is installed here: nothing missing to report")
+def test_missing_cublas_is_one_line_naming_what_to_install(fresh_check):
+    """For real, where cuBLAS is absent (CI installs NVRTC and the headers only): CuPy 14 without [ctk]."""
+    with pytest.raises(backend.DeviceError) as error:
+        fresh_check()
+    message = str(error.value)
+    assert "\n" not in message and "cuBLAS" in message and "libcublas" in message
+    assert '[ctk]"' in message and "pip install" in message
+
+
+@pytest.mark.parametrize("check", [what for what, _, _ in backend.GPU_LIBRARY_CHECKS])
+def test_each_missing_library_is_one_line(check, fresh_check, monkeypatch):
+    """What each check says, with the failure CuPy reports (the issue's messages, as CuPy 14 gives them)."""
+    cause = {"NVRTC": ImportError('Failure finding "libnvrtc.so.12": No such file\nsearched: ...'),
+             "cuBLAS": ImportError('Failure finding "libcublasLt.so.12": No such file'),
+             "a probe kernel": RuntimeError("Failed to find CUDA headers")}[check]
+
+    def fail(cupy):
+        raise cause
+
+    checks = [(what, role, fail if what == check else (lambda cupy: None)) for what, role, _ in
+              backend.GPU_LIBRARY_CHECKS]
+    monkeypatch.setattr(backend, "GPU_LIBRARY_CHECKS", tuple(checks))
+    with pytest.raises(backend.DeviceError) as error:
+        fresh_check()
+    message = str(error.value)
+    assert message.startswith("--device gpu: CuPy cannot") and check in message and "\n" not in message
+    assert str(cause).splitlines()[0] in message and "[ctk]" in message
+
+
+def test_nccl_is_checked_only_where_asked(fresh_check, monkeypatch):
+    monkeypatch.setattr(backend, "GPU_LIBRARY_CHECKS", tuple((what, role, lambda cupy: None)
+                                                             for what, role, _ in backend.GPU_LIBRARY_CHECKS))
+    fresh_check()  # one GPU: NCCL is not needed
+    with warnings.catch_warnings():  # CuPy warns on importing its NCCL module when the library is missing
+        warnings.simplefilter("ignore")
+        from cupy.cuda import nccl
+    if nccl.available:
+        fresh_check(nccl=True)
+        return
+    with pytest.raises(backend.DeviceError, match=r'several GPUs needs NCCL.*pip install "nvidia-nccl-cu1\d'):
+        fresh_check(nccl=True)
+
+
+def test_resolving_the_gpu_runs_the_check(fresh_check, monkeypatch):
+    monkeypatch.setattr(backend, "gpu_available", lambda: True)
+    monkeypatch.setattr(backend, "GPU_LIBRARY_CHECKS", (("NVRTC", "for kernels", lambda cupy: 1 / 0),))
+    with pytest.raises(backend.DeviceError, match="CuPy cannot load NVRTC"):
+        backend.resolve_device("gpu")
+    with pytest.raises(backend.DeviceError, match="CuPy cannot load NVRTC"):
+        backend.resolve_device("auto")
