@@ -6,21 +6,26 @@ this one function: the trainer, the benchmarks, the tests and the lessons.
 
 `images` is a normalized float batch (B, C, H, W) on any device (it is moved to the model's);
 `targets` class indices (B,) or probabilities (B, C) (soft targets, e.g. from Mixup/CutMix).
+`criterion`, when given, replaces the loss: a callable (logits, targets) -> (loss, dlogits), e.g. DeiT's
+distillation loss (minimlp.distillation); `smoothing` is then the criterion's business, not the step's.
 """
 from .losses import smoothed_targets
 from .optim import clip_grad_norm
 from .precision import autocast
 
 
-def train_step(model, optimizer, images, targets, lr, scaler, smoothing=0.0, clip_grad=0.0):
+def train_step(model, optimizer, images, targets, lr, scaler, smoothing=0.0, clip_grad=0.0, criterion=None):
     """One optimizer step. Returns (loss, finite): the batch's mean loss as a 0-d array left on the device
     (reading it would make the host wait for the GPU at every step), and whether the step was taken
     (False only under loss scaling, when a gradient held inf or NaN: the scaler then lowers its scale)."""
     xp = model.xp
     with autocast(scaler.half_precision):
         logits = model.forward(images, train=True)
-        target_probs = smoothed_targets(xp.asarray(targets), logits.shape[1], smoothing, logits.dtype)
-        loss, dlogits = model.ops.softmax_cross_entropy(logits, target_probs)
+        if criterion is None:  # the smoothed cross-entropy, through the fast path where there is one
+            target_probs = smoothed_targets(xp.asarray(targets), logits.shape[1], smoothing, logits.dtype)
+            loss, dlogits = model.ops.softmax_cross_entropy(logits, target_probs)
+        else:
+            loss, dlogits = criterion(logits, targets)
         model.backward(scaler.scale_gradient(dlogits))
     finite = scaler.unscale(model.parameters)
     if finite:
