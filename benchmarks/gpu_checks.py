@@ -79,8 +79,8 @@ def measure(args, precision):
         if device == "gpu":
             xp.cuda.Device().synchronize()
         times.append(time.perf_counter() - started)
-    return dict(logits_error=relative_error(result[0], reference[0]), grad_error=relative_error(result[1], reference[1]),
-                grads_finite=result[2], peak_gb=backend.gpu_memory_held_bytes() / 1e9 if device == "gpu" else None,
+    return dict(logits_error=relative_error(result[0], reference[0]),
+                grad_error=relative_error(result[1], reference[1]), grads_finite=result[2], peak_gb=backend.gpu_memory_held_bytes() / 1e9 if device == "gpu" else None,
                 step_ms=1000 * statistics.median(times[1:]), skipped_steps=scaler.skipped_steps,
                 loss_scale=scaler.scale if amp else None, ops=model.ops.name)
 

@@ -38,7 +38,8 @@ export PYTHONUNBUFFERED=1 CUPY_DUMP_CUDA_SOURCE_ON_ERROR=1
 summary="$out/summary.md"
 start=$SECONDS
 failed=0
-echo "# GPU suite, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" > "$summary"
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo "not a git checkout")
+echo "# GPU suite, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit" > "$summary"
 echo >> "$summary"
 
 # part NAME LIMIT NOTE COMMAND...: run COMMAND under `timeout`, output to the screen and DIR/NAME.log, one
@@ -99,17 +100,23 @@ from minimlp import backend
 status = 0
 try:
     backend.resolve_device("gpu")  # CuPy, a GPU, then check_gpu_libraries: NVRTC, cuBLAS, a probe kernel
-    properties = cupy.cuda.runtime.getDeviceProperties(0)
-    found.update(gpu=properties["name"].decode(), compute_capability=f"{properties['major']}.{properties['minor']}",
-                 gpu_memory_gib=round(properties["totalGlobalMem"] / 2 ** 30, 1),
-                 cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(), cuda_driver=cupy.cuda.runtime.driverGetVersion(),
-                 nvrtc=".".join(map(str, cupy.cuda.nvrtc.getVersion())), device_gpu="starts")
-    print(f"GPU: {found['gpu']} (sm_{properties['major']}{properties['minor']}, {found['gpu_memory_gib']} GiB); "
-          f"CUDA runtime {found['cuda_runtime']}, driver {found['cuda_driver']}, NVRTC {found['nvrtc']}: --device gpu starts")
+    found["device_gpu"] = "starts"
 except backend.DeviceError as error:
     found["device_gpu"] = str(error)
     print(error)
     status = 1
+if status == 0:
+    try:  # what the README records; a failure here does not stop the GPU parts
+        properties = cupy.cuda.runtime.getDeviceProperties(0)
+        found.update(gpu=properties["name"].decode(), sm=f"{properties['major']}{properties['minor']}",
+                     gpu_memory_gib=round(properties["totalGlobalMem"] / 2 ** 30, 1),
+                     cuda_runtime=cupy.cuda.runtime.runtimeGetVersion(),
+                     cuda_driver=cupy.cuda.runtime.driverGetVersion(),
+                     nvrtc=".".join(map(str, cupy.cuda.nvrtc.getVersion())))
+        print(f"GPU: {found['gpu']} (sm_{found['sm']}, {found['gpu_memory_gib']} GiB); CUDA runtime "
+              f"{found['cuda_runtime']}, driver {found['cuda_driver']}, NVRTC {found['nvrtc']}: --device gpu starts")
+    except Exception as error:
+        print(f"--device gpu starts; its properties: {type(error).__name__}: {error}")
 with open(sys.argv[1], "w") as file:
     json.dump(found, file, indent=2)
 sys.exit(status)

@@ -68,7 +68,8 @@ class Timeline:
         for other_stream, other_position, other_kind in self.accesses.setdefault(buffer, []):
             conflict = "read" not in (kind, other_kind) or kind != other_kind
             ordered = (other_stream in (stream, self.host)  # the host's accesses precede what it enqueues later
-                       or any(waited is other_stream and recorded > other_position for waited, recorded in stream.waits))
+                       or any(waited is other_stream and recorded > other_position
+                              for waited, recorded in stream.waits))
             if conflict and not ordered:
                 self.races.append(f"{kind} of {buffer} on the {stream.name} stream is not ordered after the "
                                   f"{other_kind} on the {other_stream.name} stream")

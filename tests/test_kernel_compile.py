@@ -234,7 +234,8 @@ class Launch:
             return self.kernel.code, self.kernel.options, self.kernel.name_expressions
         if isinstance(self.kernel, cupy.ReductionKernel):
             return reduction_source(self.kernel, self.args, self.kwargs, wide), self.kernel.options, None
-        return elementwise_source(self.kernel, self.args, self.kwargs, wide), self.kernel.kwargs.get("options", ()), None
+        source = elementwise_source(self.kernel, self.args, self.kwargs, wide)
+        return source, self.kernel.kwargs.get("options", ()), None
 
     def prepared(self, wide=False):
         """(full source, NVRTC options, name expressions) as CuPy hands them to NVRTC."""
