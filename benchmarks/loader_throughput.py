@@ -21,24 +21,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minimlp.datasets import ImageFolder  # noqa: E402
-from minimlp.loader import Loader, TransformSettings  # noqa: E402
+from minimlp.loader import Loader  # noqa: E402
 from minimlp.randaugment import RandAugment  # noqa: E402
-from minimlp.transforms import TRAIN_INTERPOLATIONS, train_transform  # noqa: E402
-
-
-class AugmentedSettings(TransformSettings):
-    """The loader's train transform with a training interpolation and RandAugment. (The Loader does not
-    take these yet; this stands in for it. Defined at the top level of the script, so that the 'spawn'
-    workers can unpickle it.)"""
-
-    def __init__(self, settings, interpolation, auto_augment):
-        super().__init__(settings.train, settings.img_size, settings.crop_pct, settings.scale, settings.seed)
-        self.interpolation, self.auto_augment = interpolation, auto_augment
-
-    def transform(self, path, epoch, position):
-        rng = np.random.default_rng([self.seed, epoch, position])
-        return train_transform(path, self.img_size, rng, self.scale, interpolation=self.interpolation,
-                               auto_augment=self.auto_augment)
+from minimlp.transforms import TRAIN_INTERPOLATIONS  # noqa: E402
 
 
 def write_jpegs(folder, count, rng):
@@ -57,9 +42,8 @@ def write_jpegs(folder, count, rng):
 
 
 def images_per_second(dataset, workers, batch_size, img_size, interpolation="bilinear", auto_augment=None):
-    with Loader(dataset, batch_size=batch_size, train=True, img_size=img_size, seed=0, workers=workers) as loader:
-        if auto_augment is not None or interpolation != "bilinear":
-            loader.settings = AugmentedSettings(loader.settings, interpolation, auto_augment)
+    with Loader(dataset, batch_size=batch_size, train=True, img_size=img_size, seed=0, workers=workers,
+                interpolation=interpolation, auto_augment=auto_augment) as loader:  # train.py's --aa, --train-interpolation
         for _ in loader.epoch(0):  # warm-up: starts the worker processes, fills the file cache
             pass
         started = time.perf_counter()

@@ -4,12 +4,16 @@
         for images, labels in loader.epoch(epoch):      # images uint8 (B, 3, H, W), labels int64 (B,)
             ...
 
-Reproducibility: the order of an epoch is `np.random.default_rng([seed, epoch]).permutation(n)`
-(train) or the dataset order (eval), and the augmentation of the sample at position p of the epoch
-uses its own generator `np.random.default_rng([seed, epoch, p])`. A batch therefore depends only on
-(seed, epoch, batch index): the same whatever the number of workers, and `epoch(e, start_batch=k)`
-yields exactly the batches k, k+1, ... of an uninterrupted epoch (resuming from a checkpoint).
-Training drops the last incomplete batch; evaluation keeps it and does not shuffle.
+Reproducibility: the order of an epoch comes from a sampler (minimlp.sampler; train only): by
+default the shuffle `np.random.default_rng([seed, epoch]).permutation(n)`, with --repeated-aug each
+image of it three times in a row (RepeatedAugmentationSampler). The sampler also gives each sample's
+global position p, its place in the one-process order, and the augmentation of that sample uses its
+own generator `np.random.default_rng([seed, epoch, p])`; so an image's augmentation does not depend on
+how many processes share the epoch (data parallel: num_replicas/rank of the sampler). Evaluation takes
+the dataset order. A batch therefore depends only on (seed, epoch, batch index): the same whatever the
+number of workers, and `epoch(e, start_batch=k)` yields exactly the batches k, k+1, ... of an
+uninterrupted epoch (resuming from a checkpoint). Training drops the last incomplete batch;
+evaluation keeps it and does not shuffle.
 
 Parallelism: `workers` processes from the 'spawn' context (the parent may have CUDA initialised, so
 it is never forked; a script that uses a Loader with workers needs the `if __name__ == "__main__":`
@@ -33,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from .datasets import DataError
+from .sampler import RepeatedAugmentationSampler
 from .transforms import eval_transform, train_transform
 
 # Errors that mean "this file cannot be decoded". PIL raises SyntaxError for some broken headers.
@@ -43,21 +48,29 @@ class Loader:
     """Batches of a dataset (anything with .samples = [(path, label)]) for one epoch at a time.
 
     img_size: output side. crop_pct: eval resize ratio. scale: RandomResizedCrop area range (train).
-    workers: processes (0 = in this process). prefetch: batches in flight (default 2 per worker).
+    interpolation, hflip, auto_augment: the train crop's filter, the flip probability, RandAugment or None
+    (minimlp.transforms.train_transform). sampler (train): the order of each epoch, anything with
+    epoch_order(epoch), global_positions() and len (default: the plain shuffle, a RepeatedAugmentationSampler
+    with repeats=1). workers: processes (0 = in this process). prefetch: batches in flight (default 2 per worker).
     """
 
     def __init__(self, dataset, batch_size, train, img_size, crop_pct=0.875, seed=0,
-                 workers=None, prefetch=None, scale=(0.08, 1.0)):
+                 workers=None, prefetch=None, scale=(0.08, 1.0), interpolation="bilinear", hflip=0.5,
+                 auto_augment=None, sampler=None):
         self.samples = list(dataset.samples)
         self.where = getattr(dataset, "root", "the dataset")
         if batch_size < 1:
             raise DataError(f"--batch-size must be at least 1, got {batch_size}")
-        if train and batch_size > len(self.samples):
+        self.sampler = None
+        if train:
+            self.sampler = sampler or RepeatedAugmentationSampler(len(self.samples), seed, repeats=1, selected_round=0)
+        if train and batch_size > len(self.sampler):
             raise DataError(f"--batch-size {batch_size} is larger than the training set "
-                            f"({len(self.samples)} images in {self.where}); lower --batch-size.")
+                            f"({len(self.sampler)} images per epoch of {len(self.samples)} in {self.where}); "
+                            "lower --batch-size.")
         self.batch_size = batch_size
         self.train = train
-        self.settings = TransformSettings(train, img_size, crop_pct, scale, seed)
+        self.settings = TransformSettings(train, img_size, crop_pct, scale, seed, interpolation, hflip, auto_augment)
         self.seed = seed
         self.workers = os.cpu_count() if workers is None else workers
         self.prefetch = max(1, 2 * self.workers if prefetch is None else prefetch)
@@ -67,23 +80,26 @@ class Loader:
     def __len__(self):
         """Batches per epoch."""
         if self.train:
-            return len(self.samples) // self.batch_size
+            return len(self.sampler) // self.batch_size
         return -(-len(self.samples) // self.batch_size)
 
     def epoch_order(self, epoch):
-        """Sample indices in the order of `epoch`: shuffled by [seed, epoch] (train) or 0..n-1 (eval)."""
+        """Sample indices in the order of `epoch`: the sampler's (train) or 0..n-1 (eval)."""
         if self.train:
-            return np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
+            return self.sampler.epoch_order(epoch)
         return np.arange(len(self.samples))
+
+    def global_positions(self):
+        """Each of epoch_order's samples' position in the one-process order (what seeds its augmentation)."""
+        return self.sampler.global_positions() if self.train else np.arange(len(self.samples))
 
     def batch_tasks(self, epoch, start_batch):
         """BatchTask for each batch from start_batch to the end of the epoch."""
-        order = self.epoch_order(epoch)
+        order, global_positions = self.epoch_order(epoch), self.global_positions()
         for batch_index in range(start_batch, len(self)):
-            positions = range(batch_index * self.batch_size,
-                              min((batch_index + 1) * self.batch_size, len(order)))
-            samples = [self.samples[order[position]] for position in positions]
-            yield BatchTask(samples, epoch, positions.start, self.settings)
+            where = slice(batch_index * self.batch_size, min((batch_index + 1) * self.batch_size, len(order)))
+            samples = [self.samples[index] for index in order[where]]
+            yield BatchTask(samples, epoch, global_positions[where].tolist(), self.settings)
 
     def epoch(self, epoch, start_batch=0):
         """Yield (images uint8 (B, 3, H, W), labels int64 (B,)) for batches start_batch.. of `epoch`."""
@@ -142,22 +158,25 @@ class Loader:
 class TransformSettings:
     """What a worker needs to turn a path into an image; small, so it travels with every task."""
 
-    def __init__(self, train, img_size, crop_pct, scale, seed):
+    def __init__(self, train, img_size, crop_pct, scale, seed, interpolation="bilinear", hflip=0.5,
+                 auto_augment=None):
         self.train, self.img_size, self.crop_pct, self.scale, self.seed = train, img_size, crop_pct, scale, seed
+        self.interpolation, self.hflip, self.auto_augment = interpolation, hflip, auto_augment
 
     def transform(self, path, epoch, position):
-        """uint8 (3, img_size, img_size) for the sample at `position` of `epoch`."""
+        """uint8 (3, img_size, img_size) for the sample at global `position` of `epoch`."""
         if self.train:
             rng = np.random.default_rng([self.seed, epoch, position])
-            return train_transform(path, self.img_size, rng, self.scale)
+            return train_transform(path, self.img_size, rng, self.scale, self.interpolation, self.hflip,
+                                   self.auto_augment)
         return eval_transform(path, self.img_size, self.crop_pct)
 
 
 class BatchTask:
-    """One batch to load: its samples [(path, label)], which start at `first_position` of `epoch`."""
+    """One batch to load: its samples [(path, label)] of `epoch`, and the global position of each."""
 
-    def __init__(self, samples, epoch, first_position, settings):
-        self.samples, self.epoch, self.first_position, self.settings = samples, epoch, first_position, settings
+    def __init__(self, samples, epoch, positions, settings):
+        self.samples, self.epoch, self.positions, self.settings = samples, epoch, positions, settings
 
 
 def load_batch(task):
@@ -166,9 +185,9 @@ def load_batch(task):
     Runs in a worker process (or in the caller when workers=0). Unreadable files are left out.
     """
     images, labels, failures = [], [], []
-    for offset, (path, label) in enumerate(task.samples):
+    for position, (path, label) in zip(task.positions, task.samples):
         try:
-            images.append(task.settings.transform(path, task.epoch, task.first_position + offset))
+            images.append(task.settings.transform(path, task.epoch, position))
             labels.append(label)
         except UNREADABLE_IMAGE_ERRORS as error:
             failures.append((path, f"{type(error).__name__}: {error}"))

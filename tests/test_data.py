@@ -12,6 +12,7 @@ from minimlp.backend import to_numpy
 from minimlp.datasets import DataError, load_datasets, load_train
 from minimlp.loader import Loader
 from minimlp.randaugment import RandAugment
+from minimlp.sampler import RepeatedAugmentationSampler
 from minimlp.transforms import (IMAGENET_MEAN, IMAGENET_STD, eval_crop_box, eval_resize_size, eval_transform,
                                 load_rgb, normalize, random_resized_crop_box, to_chw, train_transform)
 from minimlp.twins import timm, torch, torchvision
@@ -530,6 +531,29 @@ def test_train_augmentation_is_seeded_by_seed_epoch_and_position(small_set):
         path, label = small_set.samples[order[position]]
         expected = train_transform(path, 16, np.random.default_rng([3, 7, position]))
         assert labels[offset] == label and np.array_equal(images[offset], expected)
+
+
+def test_loader_takes_order_and_augmentation_seeds_from_the_sampler(small_set):
+    """--repeated-aug: each image three times in a row, each copy augmented by its own global position, and
+    two ranks' shards (data parallel) interleave into the one-process images, pixel for pixel; the train
+    options (interpolation, hflip, RandAugment) reach every worker's transform."""
+    options = dict(train=True, img_size=16, seed=3, workers=0, interpolation="bicubic", hflip=0.0,
+                   auto_augment=RandAugment("rand-m9-mstd0.5-inc1"))
+    one = Loader(small_set, 3, sampler=RepeatedAugmentationSampler(21, seed=3), **options)
+    order = one.epoch_order(1)
+    assert len(one) == 7 and order[0] == order[1] == order[2] != order[3]
+    images = np.concatenate([batch for batch, _ in all_batches(one, 1)])
+    assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[1], images[2])
+    path = small_set.samples[order[4]][0]
+    expected = train_transform(path, 16, np.random.default_rng([3, 1, 4]), interpolation="bicubic", hflip=0.0,
+                               auto_augment=RandAugment("rand-m9-mstd0.5-inc1"))
+    assert np.array_equal(images[4], expected)
+    shards = [Loader(small_set, 3, sampler=RepeatedAugmentationSampler(21, seed=3, num_replicas=2, rank=rank),
+                     **options) for rank in (0, 1)]
+    shard_images = [np.concatenate([batch for batch, _ in all_batches(shard, 1)]) for shard in shards]
+    interleaved = np.empty_like(images[:18])
+    interleaved[0::2], interleaved[1::2] = shard_images
+    assert np.array_equal(interleaved, images[:18])
 
 
 def test_eval_keeps_order_and_last_partial_batch(small_set):
