@@ -19,18 +19,17 @@ Parallelism: `workers` processes from the 'spawn' context (the parent may have C
 it is never forked; a script that uses a Loader with workers needs the `if __name__ == "__main__":`
 guard). Each worker decodes a whole batch; up to `prefetch` batches are in flight so that the
 consumer does not wait while cores are spare. `workers=0` loads in the calling process. Workers ignore
-Ctrl-C; the parent stops them: on close(), on leaving the `with` block, and when an epoch is
-abandoned early (break, exception, Ctrl-C) — then the pool is terminated, not drained.
+Ctrl-C, SIGTERM and SIGHUP; the parent stops them: on close(), on leaving the `with` block, and when an
+epoch is abandoned early (break, exception, Ctrl-C) — then the pool is killed, not drained. A worker
+that dies (the out-of-memory killer, kill -9) is seen at once and replaced, and its batches are loaded
+again: the same batches (minimlp.workers). Workers die with the parent, also on kill -9.
 
 Unreadable files (corrupt, truncated, not an image, deleted since the scan): the file is skipped,
 its path is printed once as a warning line on stderr and appended to `loader.skipped`, and its batch
 comes out one image shorter (so batch sizes can vary). If every file of a batch fails, DataError
 names them: that is a broken dataset (or a wrong path), not a bad file.
 """
-import collections
-import multiprocessing
 import os
-import signal
 import sys
 
 import numpy as np
@@ -39,6 +38,7 @@ from PIL import Image
 from .datasets import DataError
 from .sampler import RepeatedAugmentationSampler
 from .transforms import eval_transform, train_transform
+from .workers import WorkerPool
 
 # Errors that mean "this file cannot be decoded". PIL raises SyntaxError for some broken headers.
 UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -114,15 +114,14 @@ class Loader:
     def parallel_results(self, tasks):
         """load_batch(task) for each task, in order, computed by the pool with `prefetch` in flight."""
         pool = self.start_pool()
-        in_flight = collections.deque()
         finished = False
         try:
             for task in tasks:
-                in_flight.append(pool.apply_async(load_batch, (task,)))
-                if len(in_flight) >= self.prefetch:
-                    yield in_flight.popleft().get()
-            while in_flight:
-                yield in_flight.popleft().get()
+                pool.submit(task)
+                if len(pool) >= self.prefetch:
+                    yield pool.next_result()
+            while len(pool):
+                yield pool.next_result()
             finished = True
         finally:
             if not finished:  # abandoned early: drop the queued batches with the workers
@@ -130,8 +129,7 @@ class Loader:
 
     def start_pool(self):
         if self.pool is None:
-            context = multiprocessing.get_context("spawn")
-            self.pool = context.Pool(self.workers, initializer=ignore_ctrl_c)
+            self.pool = WorkerPool(load_batch, self.workers, name="loader worker")
         return self.pool
 
     def report(self, failures):
@@ -144,8 +142,7 @@ class Loader:
     def close(self):
         """Stop the worker processes (a later epoch starts new ones)."""
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.close()
             self.pool = None
 
     def __enter__(self):
@@ -198,7 +195,3 @@ def load_batch(task):
                         "images (and that the --data path is right).")
     return np.stack(images), np.asarray(labels, dtype=np.int64), failures
 
-
-def ignore_ctrl_c():
-    """Worker initializer: Ctrl-C goes to the parent, which stops the workers itself."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
