@@ -3,35 +3,36 @@ saving a run, restoring it, and deciding whether a checkpoint may continue with 
 
     model/<official name>   the weights (what minimlp.weights.read_weights picks out)
     optimizer/<key>         the optimizer's state (moments, step count)
+    ema/<key>               with --model-ema: the average of the weights (minimlp.ema.ModelEma.state_dict)
     meta                    JSON: epoch and batch to continue from, global step, RNG states,
                             class list, model configuration and the run's full configuration
 
-Written atomically: into a temporary file in the same folder, flushed to disk, then renamed over
-the old one, so a crash or Ctrl-C mid-write never leaves a half-written checkpoint.
+Written atomically (minimlp.run_folder.write_atomically): into a uniquely named temporary file in the
+same folder, flushed to disk, then renamed over the old one, so a crash or Ctrl-C mid-write never
+leaves a half-written checkpoint, and a failed write (disk full) leaves no temporary file.
 """
 import json
-import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from .model import PRESETS
+from .run_folder import write_atomically
 from .weights import WeightsError, read_weights
 
 
-def save_checkpoint(path, weights, optimizer_state, meta):
-    """weights, optimizer_state: {name: numpy array}; meta: a JSON-serializable dict."""
+def save_checkpoint(path, weights, optimizer_state, meta, extra=None):
+    """weights, optimizer_state: {name: numpy array}; meta: a JSON-serializable dict; extra: more groups,
+    {group: {name: numpy array}}, saved as group/name (load_checkpoint(path, extra=True) gives them back)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {f"model/{name}": value for name, value in weights.items()}
     arrays.update({f"optimizer/{name}": np.asarray(value) for name, value in optimizer_state.items()})
+    for group, entries in (extra or {}).items():
+        arrays.update({f"{group}/{name}": np.asarray(value) for name, value in entries.items()})
     arrays["meta"] = np.array(json.dumps(meta))
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        np.savez(file, **arrays)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    write_atomically(path, lambda file: np.savez(file, **arrays))
 
 
 def is_training_checkpoint(path):
@@ -43,11 +44,18 @@ def is_training_checkpoint(path):
         return False
 
 
-def load_checkpoint(path):
-    """-> (weights, optimizer_state, meta). A file without 'meta' is weights only (not resumable)."""
+def load_checkpoint(path, extra=False):
+    """-> (weights, optimizer_state, meta), and with extra=True a fourth item, the other groups
+    {group: {name: array}} (e.g. 'ema'). A file without 'meta' is weights only (not resumable)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such checkpoint")
+    if not zipfile.is_zipfile(path):  # np.load would talk about pickles
+        if path.suffix == ".safetensors":
+            raise WeightsError(f"{path}: published weights, not a training checkpoint: evaluate them with "
+                               "--eval-only; --resume continues a run from its checkpoint.npz")
+        raise WeightsError(f"{path}: not a readable .npz checkpoint (not a zip archive): give the "
+                           "checkpoint.npz of a run")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
@@ -59,40 +67,88 @@ def load_checkpoint(path):
     weights = {name[len("model/"):]: value for name, value in arrays.items() if name.startswith("model/")}
     optimizer_state = {name[len("optimizer/"):]: value for name, value in arrays.items()
                        if name.startswith("optimizer/")}
-    return weights, optimizer_state, json.loads(str(arrays["meta"]))
+    meta = parse_meta(path, arrays["meta"])
+    if not extra:
+        return weights, optimizer_state, meta
+    groups = {}
+    for name, value in arrays.items():
+        group, _, key = name.partition("/")
+        if key and group not in ("model", "optimizer"):
+            groups.setdefault(group, {})[key] = value
+    return weights, optimizer_state, meta, groups
+
+
+# What train.py reads in meta, and needs to find there.
+META_KEYS = ("position", "classes", "model", "settings", "drop_path_rng")
+
+
+def parse_meta(path, text):
+    """The JSON of a checkpoint's 'meta' entry, checked to hold what a resume reads."""
+    try:
+        meta = json.loads(str(text))
+    except ValueError as error:
+        raise WeightsError(f"{path}: its 'meta' entry is not JSON ({error}): the file is damaged, or was not "
+                           "written by train.py") from None
+    missing = [key for key in META_KEYS if key not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    if missing:
+        raise WeightsError(f"{path}: its 'meta' entry lacks {', '.join(missing)}: not a checkpoint written by "
+                           "train.py (weights alone can be evaluated with --eval-only)")
+    return meta
+
+
+def read_meta(path):
+    """The meta of a checkpoint, without reading its arrays."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            text = archive["meta"]
+    except Exception as error:
+        raise WeightsError(f"{path}: not a readable .npz checkpoint ({error})") from None
+    return parse_meta(path, text)
 
 
 # ---------------------------------------------------------------------------------------------
 # A whole run: model, optimizer, loss scaler, generators, where it stands, its classes and settings.
 # ---------------------------------------------------------------------------------------------
-def save_run(path, model, optimizer, scaler, position, classes, settings):
+def save_run(path, model, optimizer, scaler, position, classes, settings, ema=None):
+    """ema: the run's minimlp.ema.ModelEma (--model-ema), or None."""
     meta = dict(position=position, classes=list(classes), model=model.config, settings=settings,
                 drop_path_rng=model.drop_path_rng.bit_generator.state, loss_scaler=scaler.state_dict())
-    save_checkpoint(path, model.state_dict(), optimizer.state_dict(), meta)
+    extra = {"ema": ema.state_dict()} if ema is not None else None
+    save_checkpoint(path, model.state_dict(), optimizer.state_dict(), meta, extra)
 
 
-def restore_run(checkpoint, model, optimizer, scaler, weight_decay):
-    """Put a checkpoint's state (from read_resume) into a freshly built model, optimizer and loss scaler;
-    returns the position to continue from. weight_decay: the run's --weight-decay, which wins over the
-    checkpoint's (the flag defaults to it)."""
-    weights, optimizer_state, meta = checkpoint
+def restore_run(checkpoint, model, optimizer, scaler, weight_decay, ema=None):
+    """Put a checkpoint's state (from read_resume) into a freshly built model, optimizer, loss scaler and
+    EMA (--model-ema; one that the checkpoint lacks starts from its weights); returns the position to
+    continue from. weight_decay: the run's --weight-decay, which wins over the checkpoint's (the flag
+    defaults to it)."""
+    weights, optimizer_state, meta, groups = checkpoint
     model.load_state_dict(weights)
     optimizer.load_state_dict(optimizer_state)
     optimizer.weight_decay = weight_decay
     model.drop_path_rng.bit_generator.state = meta["drop_path_rng"]
     if meta.get("loss_scaler"):  # an AMP run goes on with its loss scale
         scaler.load_state_dict(meta["loss_scaler"])
+    if ema is not None:
+        decay = ema.decay  # the run's --model-ema-decay wins, as --weight-decay does
+        if "ema" in groups:
+            ema.load_state_dict(groups["ema"])
+        else:
+            ema.data[...] = model.parameters.data
+        ema.decay = decay
     return meta["position"]
 
 
 def read_resume(path, eval_only=False):
-    """(weights, optimizer state, meta) of a --resume file. With eval_only, weights alone will do
-    (published .safetensors/.npz weights): optimizer state and meta are then None."""
+    """(weights, optimizer state, meta, other groups such as 'ema') of a --resume file. With eval_only,
+    weights alone will do (published .safetensors/.npz weights): optimizer state and meta are then None."""
     if eval_only:
         weights = read_weights(path)
-        meta = load_checkpoint(path)[2] if is_training_checkpoint(path) else None
-        return weights, None, meta
-    return load_checkpoint(path)
+        if not is_training_checkpoint(path):
+            return weights, None, None, {}
+        _, _, meta, groups = load_checkpoint(path, extra=True)
+        return weights, None, meta, groups
+    return load_checkpoint(path, extra=True)
 
 
 def check_compatible(path, meta, settings, classes, eval_only=False):
@@ -121,6 +177,25 @@ def check_compatible(path, meta, settings, classes, eval_only=False):
     changed = [f"{flag} {meta['settings'].get(key)} (now {settings[key]})"
                for flag, key in [("--opt", "opt"), ("--batch-size", "batch_size"), ("--seed", "seed")]
                if meta["settings"].get(key) != settings[key]]
+    if bool(meta["settings"].get("repeated_aug")) != bool(settings.get("repeated_aug")):  # another epoch order
+        changed.append(f"--repeated-aug {bool(meta['settings'].get('repeated_aug'))} (now "
+                       f"{bool(settings.get('repeated_aug'))})")
     if changed:
         raise WeightsError(f"{path} was trained with " + ", ".join(changed) + ": a resumed run continues "
-                           "with the same optimizer, batch size and seed (leave these flags out to keep them)")
+                           "with the same optimizer, batch size, seed and epoch order (leave these flags out "
+                           "to keep them)")
+
+
+def check_not_rewinding(path, meta, output):
+    """Resuming `path` (its meta) into the folder `output` must not go back past output/checkpoint.npz,
+    e.g. --resume best.npz beside a newer checkpoint.npz: the run and its log would rewind. A branch off
+    best.npz goes into another --output."""
+    latest = Path(output) / "checkpoint.npz"
+    if not latest.is_file() or latest.resolve() == Path(path).resolve():
+        return
+    ahead, behind = read_meta(latest)["position"], meta["position"]
+    if ahead["global_step"] > behind["global_step"]:
+        raise WeightsError(f"{path} stands at epoch {behind['epoch'] + 1}, batch {behind['batch']}, but {latest} "
+                           f"is further on (epoch {ahead['epoch'] + 1}, batch {ahead['batch']}): resuming would "
+                           f"rewind that run. Continue it with --resume {latest}, or branch off {Path(path).name} "
+                           "into another --output")
