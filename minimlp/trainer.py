@@ -1,34 +1,80 @@
-"""The training loop: batches -> device -> normalize -> forward -> loss -> backward -> AdamW/LAMB,
-an evaluation each epoch, a log line and a checkpoint each epoch, exact resume, Ctrl-C saves.
+"""The training loop: batches -> device -> normalize -> random erasing -> Mixup/CutMix -> forward -> loss
+(distillation: against the teacher's logits for the same batch) -> backward -> AdamW/LAMB -> EMA of the
+weights; an evaluation each epoch (of the EMA too), a log line, a checkpoint and a picture each epoch (and
+a checkpoint every --save-every minutes inside an epoch), exact resume; Ctrl-C, SIGTERM and SIGHUP save after
+the current step (StopSignals).
 
 The state that makes resume exact (and that a checkpoint therefore holds): the weights, the
 optimizer's moments and step, the drop-path generator, the loss scaler under --amp (minimlp.loss_scaling),
-and where the run stands (epoch, next batch, global step, the partial epoch's loss sum). Batches depend only on (seed, epoch, batch index)
-(minimlp.loader), and the learning rate only on the global step (minimlp.schedule).
+the EMA (--model-ema), and where the run stands (epoch, next batch, global step, the partial epoch's loss
+sum). Batches depend only on (seed, epoch, batch index) (minimlp.loader), the learning rate only on the
+global step (minimlp.schedule), and the erasing and Mixup/CutMix draws of a batch on their own generator
+np.random.default_rng([seed, stream, epoch, batch]) (batch_generator): nothing of theirs to save.
 """
-import json
+import contextlib
 import signal
+import sys
 import time
 
 import numpy as np
-from tqdm import tqdm
 
 from . import backend
 from .checkpoint import save_run
 from .device_feed import DeviceFeed
+from .distillation import distillation_loss
 from .loss_scaling import NoLossScaling
 from .losses import cross_entropy
+from .mixup import Mixup
 from .optim import AdamW, Lamb
+from .plot import PlotError, draw_run
 from .precision import autocast
+from .run_folder import append_log
+from .progress import Progress, track, write
+from .random_erasing import RandomErasing
 from .schedule import lr_at
 from .step import train_step
+from .workers import WorkerDied
 
 
 READ_LOSS_EVERY = 20  # steps between reading the training loss back from the device (for the bar, the sum)
+ERASING_STREAM, MIXUP_STREAM = 1, 2  # the `stream` of batch_generator: one generator per augmentation and batch
+
+
+# Signals that stop a run: Ctrl-C, and what Slurm, Kubernetes and `timeout` send before they kill.
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
+EXIT_WORKER_DIED = 1  # exit code of a run stopped by a loader worker that kept dying (checkpoint saved)
 
 
 class Interrupted(Exception):
-    """Ctrl-C was pressed; a checkpoint has been saved."""
+    """The run stopped early and saved a checkpoint. exit_code: 128 + the signal's number, as a shell
+    reports a process ended by that signal (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP); EXIT_WORKER_DIED."""
+
+    def __init__(self, message, exit_code=128 + signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class QuitAtOnce(KeyboardInterrupt):
+    """A second stop signal: quit now, without saving (exit_code 128 + its number)."""
+
+    def __init__(self, signum):
+        super().__init__(STOP_SIGNALS.get(signum, signal.Signals(signum).name))
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def quit_on_stop_signals():
+    """Outside the training loop, SIGTERM and SIGHUP quit at once as Ctrl-C does (an exception, so that every
+    `finally` runs: workers stopped, temporary files removed, the run folder's lock released)."""
+    def quit_now(signum, frame):
+        raise QuitAtOnce(signum)
+
+    previous = {number: signal.signal(number, quit_now) for number in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def make_optimizer(name, model, lr, weight_decay):
@@ -48,15 +94,14 @@ def topk_correct(logits, labels, ks=(1, 5)):
     return xp.stack([hits[:, :k].any(axis=1).sum() for k in ks])
 
 
-def evaluate(model, loader, feed=None, amp=False):
+def evaluate(model, loader, feed=None, amp=False, desc="eval"):
     """Mean loss (no label smoothing) and top-1/top-5 in percent over every batch of `loader`.
     amp: float16 matrix products, as in training with --amp. The sums stay on the device until the end,
     so the host never waits for the GPU between batches."""
     feed = feed or DeviceFeed(model.device, model.dtype)
     totals = model.xp.zeros(3, dtype=np.float64)  # loss sum, top-1 hits, top-5 hits
     count = 0
-    for x, y in tqdm(feed.batches(loader.epoch(0)), total=len(loader), desc="eval", unit="batch",
-                     dynamic_ncols=True, leave=False):
+    for x, y in track(feed.batches(loader.epoch(0)), len(loader), desc, unit="batch", every=0):
         with autocast(amp):
             logits = model.forward(x)
         loss, _ = cross_entropy(logits, y)
@@ -68,45 +113,92 @@ def evaluate(model, loader, feed=None, amp=False):
     return dict(val_loss=loss_sum / count, val_top1=100.0 * top1 / count, val_top5=100.0 * top5 / count)
 
 
-class CtrlC:
-    """While active, the first Ctrl-C only raises a flag (the loop saves and stops after the current
-    step); a second one interrupts at once."""
+class StopSignals:
+    """While active (`with`), the first Ctrl-C, SIGTERM or SIGHUP only raises a flag: the loop saves a
+    checkpoint after the current step and stops (Interrupted). A second one quits at once (QuitAtOnce),
+    except inside `with signals.deferred():` (writing checkpoints and the log line), which it lets finish."""
 
     def __init__(self):
-        self.pressed = False
+        self.signum = None  # the first stop signal received
+        self.deferring = 0
+        self.quit_after = None  # a second signal received while deferring
+        self.previous = {}
+
+    @property
+    def pressed(self):
+        return self.signum is not None
+
+    @property
+    def name(self):
+        return STOP_SIGNALS.get(self.signum, "")
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self.handle)
+        self.previous = {number: signal.signal(number, self.handle) for number in STOP_SIGNALS}
         return self
 
     def handle(self, signum, frame):
-        self.pressed = True
-        signal.signal(signal.SIGINT, self.previous)
-        tqdm.write("Ctrl-C: saving a checkpoint after this step (press again to quit at once)")
+        if self.signum is None:
+            self.signum = signum
+            write(f"{STOP_SIGNALS[signum]}: saving a checkpoint after this step (again to quit at once)")
+        elif self.deferring:
+            self.quit_after = signum
+        else:
+            raise QuitAtOnce(signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.deferring += 1
+        try:
+            yield
+        finally:
+            self.deferring -= 1
+        if not self.deferring and self.quit_after is not None:
+            raise QuitAtOnce(self.quit_after)
 
     def __exit__(self, *exc_info):
-        signal.signal(signal.SIGINT, self.previous)
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
 
 
 class Trainer:
     """Wires a model, an optimizer and two loaders to the loop. `settings` is the run's configuration
-    (train.py's parsed flags as a dict); `position` where to continue (from a checkpoint); `scaler` a
-    loss_scaling.LossScaler for mixed precision (--amp), NoLossScaling for float32 throughout."""
+    (train.py's parsed flags as a dict: random erasing and Mixup/CutMix are built from it); `position` where
+    to continue (from a checkpoint); `scaler` a loss_scaling.LossScaler for mixed precision (--amp),
+    NoLossScaling for float32 throughout; `ema` a minimlp.ema.ModelEma (--model-ema); `teacher` a
+    callable images -> logits (minimlp.teacher, --distillation-type soft/hard)."""
 
     def __init__(self, model, optimizer, train_loader, val_loader, classes, settings, output, position=None,
-                 scaler=NoLossScaling()):
+                 scaler=NoLossScaling(), ema=None, teacher=None):
         self.model, self.optimizer = model, optimizer
         self.train_loader, self.val_loader = train_loader, val_loader
         self.classes, self.settings, self.output = classes, settings, output
         self.scaler = scaler
+        self.ema, self.teacher = ema, teacher
+        s = settings
+        self.erasing = (RandomErasing(s["reprob"], s["remode"], s["recount"]) if s.get("reprob", 0) > 0
+                        else None)
+        self.mixup = None
+        if s.get("mixup", 0) > 0 or s.get("cutmix", 0) > 0 or s.get("cutmix_minmax") is not None:
+            self.mixup = Mixup(len(classes), s["mixup"], s["cutmix"], s["cutmix_minmax"], s["mixup_prob"],
+                               s["mixup_switch_prob"], s["mixup_mode"], label_smoothing=s["smoothing"])
         self.xp = model.xp
         self.feed = DeviceFeed(model.device, model.dtype)
         self.peak_gpu_bytes = 0  # sampled after every step (GPU only)
         steps_per_epoch = len(train_loader)
         self.total_steps = settings["epochs"] * steps_per_epoch
-        self.warmup_steps = min(int(settings["warmup_epochs"] * steps_per_epoch), self.total_steps - 1)
         self.position = position or dict(epoch=0, batch=0, global_step=0, loss_sum=0.0, images=0,
                                          seconds=0.0, best_top1=None)
+        # The warmup's length is fixed when the run starts (and kept in the position): a resume that raises
+        # --epochs must not recompute a warmup that the first --epochs had clipped, or the lr would jump.
+        if self.position.get("warmup_epochs") != settings["warmup_epochs"]:  # a new run, or a new --warmup-epochs
+            self.position.update(warmup_epochs=settings["warmup_epochs"],
+                                 warmup_steps=min(int(settings["warmup_epochs"] * steps_per_epoch),
+                                                  self.total_steps - 1))
+        self.warmup_steps = min(self.position["warmup_steps"], self.total_steps - 1)
+        self.signals = StopSignals()
+        self.save_every = 60 * (settings.get("save_every") or 0)  # seconds between checkpoints inside an epoch
+        self.last_save = time.monotonic()
 
     def learning_rate(self, step):
         s = self.settings
@@ -117,21 +209,40 @@ class Trainer:
     def fit(self):
         """Train from self.position to the last epoch; returns the last epoch's log record."""
         record = None
-        with CtrlC() as ctrl_c:
+        with self.signals as stop:
             while self.position["epoch"] < self.settings["epochs"]:
-                self.train_epoch(ctrl_c)
-                record = self.end_epoch(ctrl_c)
+                try:
+                    self.train_epoch(stop)
+                    record = self.end_epoch(stop)
+                except WorkerDied as died:  # the loader gave up on a batch: keep every step done so far
+                    p = self.position
+                    self.save("checkpoint.npz")
+                    raise Interrupted(f"error: {died}. Stopped at epoch {p['epoch'] + 1}, batch {p['batch']}/"
+                                      f"{len(self.train_loader)} (checkpoint saved); {self.resume_hint()}",
+                                      EXIT_WORKER_DIED) from None
         return record
 
-    def train_epoch(self, ctrl_c):
+    def resume_hint(self):
+        return f"continue with --resume {self.output / 'checkpoint.npz'}"
+
+    def train_epoch(self, stop):
         p, s = self.position, self.settings
         epoch, loader = p["epoch"], self.train_loader
-        bar = tqdm(total=len(loader), initial=p["batch"], desc=f"epoch {epoch + 1}/{s['epochs']}", unit="batch",
-                   dynamic_ncols=True, leave=False)
+        bar = Progress(len(loader), f"epoch {epoch + 1}/{s['epochs']}", unit="batch", initial=p["batch"],
+                       every=READ_LOSS_EVERY)
         started = time.perf_counter()
         seconds_before = p["seconds"]
         pending = []  # (loss on the device, batch size) of the steps whose loss is not read back yet
-        for x, y in self.feed.batches(loader.epoch(epoch, start_batch=p["batch"])):
+        batches = self.feed.batches(loader.epoch(epoch, start_batch=p["batch"]))
+        while True:
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                break
+            except WorkerDied:
+                self.read_losses(pending)  # the steps done so far, for fit's checkpoint
+                bar.close()
+                raise
             pending.append((self.train_step(x, y), len(y)))
             p["images"] += len(y)
             p["batch"] += 1
@@ -139,17 +250,21 @@ class Trainer:
             p["seconds"] = seconds_before + time.perf_counter() - started
             if self.model.device == "gpu":
                 self.peak_gpu_bytes = max(self.peak_gpu_bytes, backend.gpu_memory_held_bytes())
-            bar.update()
-            if len(pending) == READ_LOSS_EVERY or ctrl_c.pressed:
+            postfix = {}
+            if len(pending) == READ_LOSS_EVERY or stop.pressed or p["batch"] == len(loader):
                 self.read_losses(pending)
-                bar.set_postfix(loss=f"{p['loss_sum'] / p['images']:.4f}", lr=f"{self.optimizer.lr:.2e}",
-                                img_s=f"{p['images'] / max(p['seconds'], 1e-9):.0f}", refresh=False,
-                                **(dict(skipped=self.scaler.skipped_steps) if self.scaler.half_precision else {}))
-            if ctrl_c.pressed:
+                postfix = dict(loss=f"{p['loss_sum'] / p['images']:.4f}", lr=f"{self.optimizer.lr:.2e}",
+                               img_s=f"{p['images'] / max(p['seconds'], 1e-9):.0f}",
+                               **(dict(skipped=self.scaler.skipped_steps) if self.scaler.half_precision else {}))
+            bar.update(1, **postfix)
+            if stop.pressed:
                 bar.close()
                 self.save("checkpoint.npz")
-                raise Interrupted(f"stopped at epoch {epoch + 1}, batch {p['batch']}/{len(loader)}; "
-                                  f"continue with --resume {self.output / 'checkpoint.npz'}")
+                raise Interrupted(f"{stop.name}: stopped at epoch {epoch + 1}, batch {p['batch']}/{len(loader)} "
+                                  f"(checkpoint saved); {self.resume_hint()}", 128 + stop.signum)
+            if self.save_every and time.monotonic() - self.last_save >= self.save_every:  # --save-every
+                self.read_losses(pending)
+                self.save("checkpoint.npz")
         self.read_losses(pending)
         bar.close()
 
@@ -168,56 +283,94 @@ class Trainer:
             p["loss_sum"] += value * images
         pending.clear()
 
+    def batch_generator(self, stream):
+        """The generator of one augmentation (`stream`) for the batch about to be trained on: seeded by
+        [seed, stream, epoch, batch], so a resumed run draws exactly what the uninterrupted one did."""
+        p = self.position
+        return np.random.default_rng([self.settings["seed"], stream, p["epoch"], p["batch"]])
+
     def train_step(self, x, y):
-        """One step of minimlp.step.train_step at the run's learning rate; returns the loss left on the device.
-        Says so when --amp's loss scaler skips a step."""
+        """Augment the normalized batch on the device (erasing, then Mixup/CutMix: DeiT's order), then one step
+        of minimlp.step.train_step at the run's learning rate (with the distillation loss when there is a
+        teacher), then the EMA; returns the loss left on the device. Says so when --amp's loss scaler skips
+        a step."""
         s = self.settings
+        smoothing = s["smoothing"]
+        if self.erasing is not None:
+            x = self.erasing(x, self.batch_generator(ERASING_STREAM))
+        if self.mixup is not None:
+            x, y = self.mixup(x, y, self.batch_generator(MIXUP_STREAM))
+            smoothing = 0.0  # already in Mixup's soft targets
+        criterion = None
+        if self.teacher is not None:
+            teacher_logits = self.teacher(x)  # the very batch the student sees
+
+            def criterion(logits, targets):
+                return distillation_loss(logits, targets, teacher_logits, s["distillation_type"],
+                                         s["distillation_alpha"], s["distillation_tau"], smoothing)
         scale = self.scaler.scale
         loss, finite = train_step(self.model, self.optimizer, x, y, self.learning_rate(self.position["global_step"]),
-                                  self.scaler, smoothing=s["smoothing"], clip_grad=s["clip_grad"])
+                                  self.scaler, smoothing=smoothing, clip_grad=s["clip_grad"], criterion=criterion)
+        if self.ema is not None:  # after every step, as timm's ModelEma (a skipped step leaves the weights as they were)
+            self.ema.update(self.model.parameters.data)
         if not finite:
-            tqdm.write(f"step {self.position['global_step'] + 1}: inf/NaN gradients at loss scale {scale:g}, "
-                       f"step skipped (loss scale now {self.scaler.scale:g}; "
-                       f"{self.scaler.skipped_steps} skipped so far)")
+            write(f"step {self.position['global_step'] + 1}: inf/NaN gradients at loss scale {scale:g}, "
+                  f"step skipped (loss scale now {self.scaler.scale:g}; "
+                  f"{self.scaler.skipped_steps} skipped so far)")
         return loss
 
-    def end_epoch(self, ctrl_c):
+    def end_epoch(self, stop):
         """Evaluate, log, checkpoint, and move the position to the next epoch."""
         p, s = self.position, self.settings
-        if ctrl_c.pressed:  # pressed during the last step's bookkeeping: training is done, eval is not
+        if stop.pressed:  # pressed during the last step's bookkeeping: training is done, eval is not
             self.save("checkpoint.npz")
-            raise Interrupted(f"stopped after the training part of epoch {p['epoch'] + 1}; continue with "
-                              f"--resume {self.output / 'checkpoint.npz'}")
+            raise Interrupted(f"{stop.name}: stopped after the training part of epoch {p['epoch'] + 1} (checkpoint "
+                              f"saved); {self.resume_hint()}", 128 + stop.signum)
         metrics = evaluate(self.model, self.val_loader, self.feed, amp=self.scaler.half_precision)
+        if self.ema is not None:  # the average of the weights, evaluated in their place
+            with self.ema.swapped_into(self.model.parameters.data):
+                averaged = evaluate(self.model, self.val_loader, self.feed, amp=self.scaler.half_precision,
+                                    desc="eval EMA")
+            metrics.update({f"ema_{name}": value for name, value in averaged.items()})
         record = dict(epoch=p["epoch"] + 1, train_loss=p["loss_sum"] / max(p["images"], 1), **metrics,
                       lr=self.optimizer.lr, images_per_s=p["images"] / max(p["seconds"], 1e-9),
                       seconds=p["seconds"])
         extra = ""
+        if self.ema is not None:
+            extra += f"  EMA top-1 {record['ema_val_top1']:.2f}%  top-5 {record['ema_val_top5']:.2f}%"
         if self.scaler.half_precision:  # AMP runs only: steps skipped so far in the run, and the loss scale now
             record.update(skipped_steps=self.scaler.skipped_steps, loss_scale=self.scaler.scale)
             extra += f"  {record['skipped_steps']} skipped steps"
         if self.model.device == "gpu":  # GPU runs only
             record["peak_gpu_mem_gb"] = self.peak_gpu_bytes / 1e9
             extra += f"  peak GPU memory {record['peak_gpu_mem_gb']:.2f} GB"
-        tqdm.write(f"epoch {record['epoch']}/{s['epochs']}  train loss {record['train_loss']:.4f}  "
-                   f"val loss {record['val_loss']:.4f}  top-1 {record['val_top1']:.2f}%  "
-                   f"top-5 {record['val_top5']:.2f}%  lr {record['lr']:.2e}  "
-                   f"{record['images_per_s']:.0f} img/s  {record['seconds']:.1f} s" + extra)
+        write(f"epoch {record['epoch']}/{s['epochs']}  train loss {record['train_loss']:.4f}  "
+              f"val loss {record['val_loss']:.4f}  top-1 {record['val_top1']:.2f}%  "
+              f"top-5 {record['val_top5']:.2f}%  lr {record['lr']:.2e}  "
+              f"{record['images_per_s']:.0f} img/s  {record['seconds']:.1f} s" + extra, sys.stdout)
         improved = p["best_top1"] is None or record["val_top1"] > p["best_top1"]
         if improved:
             p["best_top1"] = record["val_top1"]
         p.update(epoch=p["epoch"] + 1, batch=0, loss_sum=0.0, images=0, seconds=0.0)
-        self.save("checkpoint.npz")
-        if improved:
-            self.save("best.npz")
-        with open(self.output / "log.jsonl", "a") as log:  # after the checkpoint: a resume never logs twice
-            log.write(json.dumps(record) + "\n")
-        if ctrl_c.pressed:  # pressed during the evaluation: the epoch is complete and saved
-            raise Interrupted(f"stopped after epoch {record['epoch']}; continue with "
-                              f"--resume {self.output / 'checkpoint.npz'}")
+        # The log line first, then best.npz, then checkpoint.npz: a kill in between leaves the log ahead of
+        # the checkpoint, and the resume trims it (minimlp.run_folder). A second signal waits for all three.
+        with stop.deferred():
+            append_log(self.output / "log.jsonl", record)
+            if improved:
+                self.save("best.npz")
+            self.save("checkpoint.npz")
+        try:
+            draw_run(self.output)  # curves.png, never more than an epoch old
+        except (PlotError, OSError) as error:
+            write(f"warning: could not draw {self.output / 'curves.png'}: {error}")
+        if stop.pressed:  # pressed during the evaluation: the epoch is complete and saved
+            raise Interrupted(f"{stop.name}: stopped after epoch {record['epoch']} (checkpoint saved); "
+                              f"{self.resume_hint()}", 128 + stop.signum)
         return record
 
     # -----------------------------------------------------------------------------------------
     def save(self, filename):
-        save_run(self.output / filename, self.model, self.optimizer, self.scaler, self.position, self.classes,
-                 self.settings)
+        with self.signals.deferred():  # a second Ctrl-C/SIGTERM lets the file be written whole first
+            save_run(self.output / filename, self.model, self.optimizer, self.scaler, self.position, self.classes,
+                     self.settings, self.ema)
+        self.last_save = time.monotonic()
