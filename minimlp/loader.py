@@ -30,12 +30,12 @@ comes out one image shorter (so batch sizes can vary). If every file of a batch 
 names them: that is a broken dataset (or a wrong path), not a bad file.
 """
 import os
-import sys
 
 import numpy as np
 from PIL import Image
 
 from .datasets import DataError
+from .progress import write
 from .sampler import RepeatedAugmentationSampler
 from .transforms import eval_transform, train_transform
 from .workers import WorkerPool
@@ -52,18 +52,23 @@ class Loader:
     (minimlp.transforms.train_transform). sampler (train): the order of each epoch, anything with
     epoch_order(epoch), global_positions() and len (default: the plain shuffle, a RepeatedAugmentationSampler
     with repeats=1). workers: processes (0 = in this process). prefetch: batches in flight (default 2 per worker).
+    rank, num_replicas: data parallel (minimlp.distributed): the default shuffle takes rank's positions r, r + K,
+    ... of the one-process order, n // K of them (so an epoch has the batches of one process with K x batch_size);
+    evaluation takes the images r, r + K, ...: the K ranks together see every validation image exactly once.
     """
 
     def __init__(self, dataset, batch_size, train, img_size, crop_pct=0.875, seed=0,
                  workers=None, prefetch=None, scale=(0.08, 1.0), interpolation="bilinear", hflip=0.5,
-                 auto_augment=None, sampler=None):
+                 auto_augment=None, sampler=None, rank=0, num_replicas=1):
         self.samples = list(dataset.samples)
         self.where = getattr(dataset, "root", "the dataset")
         if batch_size < 1:
             raise DataError(f"--batch-size must be at least 1, got {batch_size}")
         self.sampler = None
         if train:
-            self.sampler = sampler or RepeatedAugmentationSampler(len(self.samples), seed, repeats=1, selected_round=0)
+            self.sampler = sampler or RepeatedAugmentationSampler(len(self.samples), seed, repeats=1, rank=rank,
+                                                                  num_replicas=num_replicas, selected_round=1)
+        self.eval_order = np.arange(len(self.samples))[rank::num_replicas]
         if train and batch_size > len(self.sampler):
             raise DataError(f"--batch-size {batch_size} is larger than the training set "
                             f"({len(self.sampler)} images per epoch of {len(self.samples)} in {self.where}); "
@@ -81,17 +86,17 @@ class Loader:
         """Batches per epoch."""
         if self.train:
             return len(self.sampler) // self.batch_size
-        return -(-len(self.samples) // self.batch_size)
+        return -(-len(self.eval_order) // self.batch_size)
 
     def epoch_order(self, epoch):
         """Sample indices in the order of `epoch`: the sampler's (train) or 0..n-1 (eval)."""
         if self.train:
             return self.sampler.epoch_order(epoch)
-        return np.arange(len(self.samples))
+        return self.eval_order
 
     def global_positions(self):
         """Each of epoch_order's samples' position in the one-process order (what seeds its augmentation)."""
-        return self.sampler.global_positions() if self.train else np.arange(len(self.samples))
+        return self.sampler.global_positions() if self.train else self.eval_order
 
     def batch_tasks(self, epoch, start_batch):
         """BatchTask for each batch from start_batch to the end of the epoch."""
@@ -137,7 +142,7 @@ class Loader:
         for path, reason in failures:
             if path not in self.skipped:
                 self.skipped.append(path)
-                print(f"warning: skipping unreadable image {path} ({reason})", file=sys.stderr)
+                write(f"warning: skipping unreadable image {path} ({reason})")  # a line of its own, never on a bar
 
     def close(self):
         """Stop the worker processes (a later epoch starts new ones)."""

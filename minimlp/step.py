@@ -6,15 +6,22 @@ this one function: the trainer, the benchmarks, the tests and the lessons.
 
 `images` is a normalized float batch (B, C, H, W) on any device (it is moved to the model's);
 `targets` class indices (B,) or probabilities (B, C) (soft targets, e.g. from Mixup/CutMix).
+`sync`, data parallel (minimlp.distributed): averages the gradients over the ranks as backward produces
+them, and makes one skip decision for all ranks, before clipping and the optimizer; the default is
+the one-process stand-in that does neither.
 `criterion`, when given, replaces the loss: a callable (logits, targets) -> (loss, dlogits), e.g. DeiT's
 distillation loss (minimlp.distillation); `smoothing` is then the criterion's business, not the step's.
 """
+from .distributed import SingleProcess
 from .losses import smoothed_targets
 from .optim import clip_grad_norm
 from .precision import autocast
 
+ONE_PROCESS = SingleProcess()
 
-def train_step(model, optimizer, images, targets, lr, scaler, smoothing=0.0, clip_grad=0.0, criterion=None):
+
+def train_step(model, optimizer, images, targets, lr, scaler, smoothing=0.0, clip_grad=0.0, criterion=None,
+               sync=ONE_PROCESS):
     """One optimizer step. Returns (loss, finite): the batch's mean loss as a 0-d array left on the device
     (reading it would make the host wait for the GPU at every step), and whether the step was taken
     (False only under loss scaling, when a gradient held inf or NaN: the scaler then lowers its scale)."""
@@ -26,8 +33,8 @@ def train_step(model, optimizer, images, targets, lr, scaler, smoothing=0.0, cli
             loss, dlogits = model.ops.softmax_cross_entropy(logits, target_probs)
         else:
             loss, dlogits = criterion(logits, targets)
-        model.backward(scaler.scale_gradient(dlogits))
-    finite = scaler.unscale(model.parameters)
+        sync.backward(model, scaler.scale_gradient(dlogits))  # model.backward; over K ranks, the mean gradient
+    finite = sync.all_true(scaler.unscale(model.parameters))
     if finite:
         if clip_grad:
             clip_grad_norm(model.parameters, clip_grad)
