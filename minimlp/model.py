@@ -104,6 +104,7 @@ class ResMLP:
         self.params, self.grads = self.parameters.values, self.parameters.grads
         self._block_params = [self.block_parameters(i) for i in range(depth)]
         self.drop_path_rng = np.random.default_rng([seed, 1])  # checkpointed, so resume draws the same masks
+        self.drop_path_shard = (0, 1)  # (rank, K) in data parallel training (_drop_path_masks)
         self._cache = None
         self.initialize(seed)
 
@@ -173,23 +174,31 @@ class ResMLP:
         self._cache = (embed, blocks, norm, pool, head)
         return logits
 
-    def backward(self, dlogits, need_dimages=False):
+    def backward(self, dlogits, need_dimages=False, grads_ready=None):
         """dlogits (B, num_classes) -> fills self.grads, OVERWRITING them (no accumulation: call
-        backward once per forward). Returns dimages (B, C, H, W) if need_dimages, else None."""
+        backward once per forward). Returns dimages (B, C, H, W) if need_dimages, else None.
+        grads_ready(offset), if given, is called as soon as parameters.grad[offset:] is final: backward fills
+        the flat buffer from its end (head, norm, blocks N-1 .. 0) to its start (patch_embed), so data
+        parallel training can start averaging the end while the rest is computed (minimlp.allreduce)."""
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first")
         embed, blocks, norm, pool, head = self._cache
         grads, op = self.grads, self.ops
+        starts = {name: where.start for name, where in self.parameters.slices.items()}
+        report = grads_ready or (lambda offset: None)
         dlogits = backend.to_device(dlogits, self.device, self.dtype)
         dpooled, grads["head.weight"][...], grads["head.bias"][...] = op.linear_backward(dlogits, head)
         dnormed = op.mean_pool_backward(dpooled, pool)
         dtokens, grads["norm.alpha"][...], grads["norm.beta"][...] = op.affine_backward(dnormed, norm)
+        report(starts["norm.alpha"])
         for i in reversed(range(len(blocks))):
             dtokens, block_grads = block_backward(dtokens, blocks[i], op)
             for short, value in block_grads.items():
                 grads[f"blocks.{i}.{short}"][...] = value
+            report(starts[f"blocks.{i}.{BLOCK_PARAMETERS[0]}"])
         dimages, grads["patch_embed.proj.weight"][...], grads["patch_embed.proj.bias"][...] = op.patch_embed_backward(
             dtokens, embed, need_dimages)
+        report(0)
         self.free_activations()
         return dimages
 
@@ -198,10 +207,14 @@ class ResMLP:
         self._cache = None
 
     def _drop_path_masks(self, batch):
+        """Data parallel (drop_path_shard = (rank, K)): every rank draws the masks of the global batch of K*batch
+        images from the same generator and keeps its own images' (global positions rank, rank + K, ...)."""
         rate = self.config["drop_path"]
         if rate == 0:
             return None, None
-        return tuple(drop_path_mask(self.drop_path_rng, batch, rate, self.xp, self.dtype) for _ in range(2))
+        rank, ranks = self.drop_path_shard
+        return tuple(self.xp.ascontiguousarray(drop_path_mask(self.drop_path_rng, batch * ranks, rate, self.xp,
+                                                              self.dtype)[rank::ranks]) for _ in range(2))
 
     # -----------------------------------------------------------------------------------------
     def state_dict(self):
