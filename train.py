@@ -5,6 +5,7 @@
     python train.py --device gpu --amp --data imagenet/   # the same with float16 matmuls (mixed precision)
     python train.py --resume runs/X/checkpoint.npz    # continue a run exactly where it stopped
     python train.py --eval-only --resume W --data D   # top-1/top-5 of a checkpoint or published weights
+    python train.py --device gpu --data imagenet/ --recipe resmlp-s12   # the paper's recipe, every value
 
 Flags follow DeiT/timm. Without --data, the demo defaults apply (see --help).
 """
@@ -16,22 +17,38 @@ import time
 from pathlib import Path
 
 from minimlp import backend, create_model
-from minimlp.checkpoint import check_compatible, read_resume, restore_run
-from minimlp.config import complete_settings
+from minimlp.checkpoint import check_compatible, check_not_rewinding, read_resume, restore_run
+from minimlp.config import RECIPES, complete_settings, dataset_defaults
 from minimlp.datasets import DataError, load_datasets
+from minimlp.distillation import KINDS as DISTILLATION_TYPES
+from minimlp.ema import ModelEma
 from minimlp.loader import Loader
 from minimlp.loss_scaling import LossScaler, NoLossScaling
+from minimlp.mixup import MODES as MIXUP_MODES
 from minimlp.model import PRESETS
 from minimlp.precision import AMP_DTYPE
+from minimlp.randaugment import RandAugment
+from minimlp.run_folder import RunFolder, RunFolderError, new_run_folder, trim_log, write_atomically
+from minimlp.random_erasing import MODES as ERASING_MODES
+from minimlp.sampler import RepeatedAugmentationSampler
 from minimlp.synthetic import ensure_shapes_dataset
-from minimlp.trainer import Interrupted, Trainer, evaluate, make_optimizer
+from minimlp.teacher import load_teacher
+from minimlp.transforms import IMAGENET_MEAN, TRAIN_INTERPOLATIONS
+from minimlp.trainer import Interrupted, Trainer, evaluate, make_optimizer, quit_on_stop_signals
 from minimlp.weights import WeightsError
+from minimlp.workers import WorkerDied
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Train ResMLP (minimlp: NumPy/CuPy, forward and backward by hand) on an ImageFolder dataset. "
                     "Without --data: the built-in demo (resmlp_tiny on generated shapes10 images). With --resume, "
-                    "flags not given again keep the checkpoint's values.")
+                    "flags not given again keep the checkpoint's values.",
+        epilog="Ctrl-C, SIGTERM and SIGHUP (what Slurm, Kubernetes and timeout send before they kill) save a "
+               "checkpoint after the current step and exit with 130, 143 and 129 (128 + the signal's number); "
+               "a second one quits at once, except while a checkpoint is being written. A loader worker that "
+               "dies is replaced and the run goes on unchanged; one that dies 3 times on the same batch stops the "
+               "run with a checkpoint and exit code 1. Bad flags, data or checkpoints: one line, exit code 2, "
+               "nothing written.")
     a = parser.add_argument
     a("--data", type=Path, help="dataset folder with train/<class>/* and val/<class>/* (or the flat ILSVRC2012 "
                                 "val folder with LOC_val_solution.csv beside it)")
@@ -54,6 +71,45 @@ def parse_args(argv=None):
     a("--clip-grad", type=float, help="clip the global gradient norm to this; 0 = off (default 0)")
     a("--drop-path", type=float, help="stochastic depth rate, the same in every block (default: 0 demo, 0.05 "
                                       "with --data)")
+    a("--recipe", choices=sorted(RECIPES), help="the paper's training recipe for that model: every value of "
+      "docs/reference.md's Training recipe (LAMB, lr 5e-3 at batch 2048, weight decay 0.2, 400 epochs, RandAugment, "
+      "Mixup/CutMix, erasing, repeated augmentation, ...), printed at start; flags given explicitly win")
+    augmentation = parser.add_argument_group(
+        "augmentation and regularization (DeiT's flag names; defaults: off for the demo, chosen from the dataset's "
+        "size with --data and printed, the paper's with --recipe)")
+    a = augmentation.add_argument
+    a("--aa", metavar="CONFIG", help="RandAugment after crop and flip, timm's grammar: rand-m9-mstd0.5-inc1 "
+                                     "(the paper's: magnitude 9, its noise 0.5, the increasing op set), or none")
+    a("--train-interpolation", choices=TRAIN_INTERPOLATIONS,
+      help="filter of the train crop and RandAugment's geometric ops (default bicubic as DeiT; bilinear demo)")
+    a("--hflip", type=float, help="probability of a horizontal flip (default 0.5; 0 for digits or text)")
+    a("--reprob", type=float, help="random erasing: probability per image (paper 0.25)")
+    a("--remode", choices=ERASING_MODES, help="random erasing fill: pixel (per-pixel noise, default), rand, const")
+    a("--recount", type=int, help="random erasing: boxes per erased image (default 1)")
+    a("--mixup", type=float, help="Mixup alpha, 0 = off (paper 0.8)")
+    a("--cutmix", type=float, help="CutMix alpha, 0 = off (paper 1.0)")
+    a("--cutmix-minmax", type=float, nargs=2, metavar=("MIN", "MAX"),
+      help="CutMix box sides uniform in MIN..MAX of the image side, instead of --cutmix's alpha (default off)")
+    a("--mixup-prob", type=float, help="probability of mixing a batch (default 1.0)")
+    a("--mixup-switch-prob", type=float, help="with both on: probability of CutMix rather than Mixup (default 0.5)")
+    a("--mixup-mode", choices=MIXUP_MODES, help="one draw per batch (default), per pair or per image")
+    a("--repeated-aug", action=argparse.BooleanOptionalAction,
+      help="repeated augmentation: each image 3 times per epoch, differently augmented, the epoch kept at the "
+           "dataset's length (DeiT's RASampler)")
+    a("--model-ema", action=argparse.BooleanOptionalAction,
+      help="keep an exponential moving average of the weights, evaluated each epoch beside them and checkpointed "
+           "(default off; with --eval-only: evaluate the checkpoint's average)")
+    a("--model-ema-decay", type=float, help="the average's decay per step (default 0.99996)")
+    a("--distillation-type", choices=DISTILLATION_TYPES,
+      help="DeiT's distillation from --teacher-model on the same augmented batch: soft (KL at --distillation-tau) "
+           "or hard (the teacher's top class); default none")
+    a("--distillation-alpha", type=float, help="weight of the distillation term (default 0.5)")
+    a("--distillation-tau", type=float, help="temperature of soft distillation (default 1.0)")
+    a("--teacher-model", help="a minimlp preset (run by minimlp) or a timm model name such as regnety_160, DeiT's "
+                              "(run by PyTorch on the same device; needs torch and timm)")
+    a("--teacher-path", type=Path, help="the teacher's weights: .npz/.safetensors/checkpoint for a minimlp "
+                                        "preset, a PyTorch .pth for a timm model")
+    a = parser.add_argument
     a("--workers", type=int, default=os.cpu_count(), help=f"data loading processes; 0 = in the main process "
                                                          f"(default: the number of cores, {os.cpu_count()})")
     a("--seed", type=int, help="seed of initialization, shuffling, augmentation and drop path (default 0)")
@@ -68,10 +124,17 @@ def parse_args(argv=None):
     a("--amp", action=argparse.BooleanOptionalAction,
       help=f"mixed precision: {AMP_DTYPE.name} matrix-product inputs with float32 accumulation, float32 weights "
            "and optimizer state, dynamic loss scaling (default off; works on the CPU too, emulated)")
-    a("--output", type=Path, help="run folder for log.jsonl, checkpoint.npz, best.npz (default: runs/<model>-<time>, "
-                                  "or the resumed checkpoint's folder)")
+    a("--output", type=Path, help="run folder for log.jsonl, checkpoint.npz, best.npz (default: a new "
+                                  "runs/<model>-<date>-<time>[-N], or the resumed checkpoint's folder). A folder that "
+                                  "holds another run's results is refused (continue that run with --resume, or give "
+                                  "another --output), and so is one a live run is writing to (run.lock)")
     a("--resume", type=Path, help="continue from a checkpoint.npz exactly; with --eval-only also published weights "
-                                  "(.npz or .safetensors, official or timm names)")
+                                  "(.npz or .safetensors, official or timm names). Resuming an older checkpoint "
+                                  "(best.npz) beside a newer checkpoint.npz is refused: branch off into another "
+                                  "--output")
+    a("--save-every", type=float, metavar="MINUTES",
+      help="also save checkpoint.npz every MINUTES inside an epoch, so that a kill -9 or a power cut loses at most "
+           "that much (default 30; 0 = only at the end of each epoch)")
     a("--eval-only", action="store_true", help="evaluate --resume on the val split and exit")
     args = parser.parse_args(argv)
     if args.eval_only and not args.resume:
@@ -84,14 +147,18 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return run(args)
-    except Interrupted as stop:
+        with quit_on_stop_signals():
+            return run(args)
+    except Interrupted as stop:  # a signal or a dead worker during training: a checkpoint was saved
         print(stop, file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (scanning data, evaluating), or a second one
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (DataError, WeightsError, backend.DeviceError, ValueError, FloatingPointError) as error:
+        return stop.exit_code
+    except KeyboardInterrupt as stop:  # a signal outside the training loop (scanning data, evaluating), or a second
+        print(f"interrupted{f' ({stop})' if str(stop) else ''}", file=sys.stderr)
+        return getattr(stop, "exit_code", 130)
+    except WorkerDied as error:  # outside the training loop (--eval-only): nothing to save
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (DataError, WeightsError, RunFolderError, backend.DeviceError, ValueError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except backend.out_of_memory_errors() as error:
@@ -106,7 +173,9 @@ def main(argv=None):
 def run(args):
     checkpoint = read_resume(args.resume, args.eval_only) if args.resume else None
     meta = checkpoint[2] if checkpoint else None
-    complete_settings(args, meta)
+    evaluate_ema = bool(args.eval_only and args.model_ema)  # asked for now, not a setting kept from the checkpoint
+    for line in complete_settings(args, meta):
+        print(line)
     backend.set_tf32(args.tf32)  # before any GPU work: CuPy reads it at its first float32 matmul
     device = backend.resolve_device(args.device)
     print(f"device: {device}" + (" (auto: no CUDA GPU with CuPy found)" if args.device == "auto" and device == "cpu"
@@ -119,6 +188,8 @@ def run(args):
         data = ensure_shapes_dataset()
         print(f"no --data given: the demo, {args.model} on the built-in shapes10 dataset in {data}")
     train_set, val_set = load_datasets(data)
+    for line in dataset_defaults(args, len(train_set)):
+        print(line)
     if meta is not None:
         check_compatible(args.resume, meta, vars(args), train_set.classes, args.eval_only)
     model = create_model(args.model, num_classes=len(train_set.classes), img_size=args.img_size,
@@ -130,34 +201,61 @@ def run(args):
                         seed=args.seed, workers=args.workers)
     if args.eval_only:
         model.load_state_dict(checkpoint[0])
+        if evaluate_ema:  # the checkpoint's average of the weights, in their place
+            if "ema" not in checkpoint[3]:
+                raise ValueError(f"--model-ema: {args.resume} holds no average of the weights (trained without "
+                                 "--model-ema?); leave the flag out to evaluate its weights")
+            ema = ModelEma(model.parameters.data)
+            ema.load_state_dict(checkpoint[3]["ema"])  # (says so when it does not fit the model)
+            model.parameters.data[...] = ema.data
         with val_loader:
             metrics = evaluate(model, val_loader, amp=args.amp)
-        print(f"{args.resume}: top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  "
+        print(f"{args.resume}{' (EMA)' if evaluate_ema else ''}: top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  "
               f"val loss {metrics['val_loss']:.4f}  ({len(val_set)} images)")
         return 0
+    auto_augment = (None if args.aa == "none" else
+                    RandAugment(args.aa, img_mean=IMAGENET_MEAN, interpolation=args.train_interpolation))
+    sampler = RepeatedAugmentationSampler(len(train_set), args.seed) if args.repeated_aug else None
     train_loader = Loader(train_set, args.batch_size, train=True, img_size=args.img_size, scale=tuple(args.scale),
-                          seed=args.seed, workers=args.workers)
+                          seed=args.seed, workers=args.workers, interpolation=args.train_interpolation,
+                          hflip=args.hflip, auto_augment=auto_augment, sampler=sampler)
     optimizer = make_optimizer(args.opt, model, args.lr, args.weight_decay)
     scaler = LossScaler() if args.amp else NoLossScaling()
+    ema = ModelEma(model.parameters.data, args.model_ema_decay) if args.model_ema else None
+    teacher = None
+    if args.distillation_type != "none":
+        teacher = load_teacher(args.teacher_model, args.teacher_path, len(train_set.classes), args.img_size, device,
+                               fast=args.fast)
+        print(f"teacher: {teacher.description}, {args.distillation_type} distillation, alpha "
+              f"{args.distillation_alpha:g}" + (f", tau {args.distillation_tau:g}" if args.distillation_type == "soft"
+                                                else ""))
     position = None
     if checkpoint:
-        position = restore_run(checkpoint, model, optimizer, scaler, args.weight_decay)
+        position = restore_run(checkpoint, model, optimizer, scaler, args.weight_decay, ema)
         print(f"resumed from {args.resume}: epoch {position['epoch'] + 1}, batch {position['batch']}")
-    output = args.output or (args.resume.parent if args.resume else
-                             Path("runs") / f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "config.json").write_text(json.dumps(settings_of(args), indent=2) + "\n")
-    print(f"output: {output}")
-    with train_loader, val_loader:
-        trainer = Trainer(model, optimizer, train_loader, val_loader, train_set.classes, settings_of(args), output,
-                          position, scaler)
-        record = trainer.fit()
-    if record:
-        print(f"done: top-1 {record['val_top1']:.2f}%, top-5 {record['val_top5']:.2f}% after {record['epoch']} "
-              f"epochs (best top-1 {trainer.position['best_top1']:.2f}%); checkpoints in {output}")
-    else:
+    if position is not None and position["epoch"] >= args.epochs:  # before anything is written
         print(f"nothing to do: the checkpoint is at epoch {position['epoch'] + 1}, batch {position['batch']}, "
               f"and --epochs is {args.epochs} (give a larger --epochs to go on)")
+        return 0
+    output = args.output or (args.resume.parent if args.resume else None)
+    continuing = bool(args.resume) and output is not None and output.resolve() == args.resume.parent.resolve()
+    if args.resume:
+        check_not_rewinding(args.resume, meta, output)
+    if output is None:
+        output = new_run_folder("runs", f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    with RunFolder.claim(output, continuing):
+        write_atomically(output / "config.json", lambda file: file.write(
+            (json.dumps(settings_of(args), indent=2) + "\n").encode()))
+        if position is not None and trim_log(output / "log.jsonl", position["epoch"]):
+            print(f"{output / 'log.jsonl'}: dropped the lines past the checkpoint's epoch {position['epoch']} "
+                  "(written just before a kill), to be written again")
+        print(f"output: {output}")
+        with train_loader, val_loader:
+            trainer = Trainer(model, optimizer, train_loader, val_loader, train_set.classes, settings_of(args),
+                              output, position, scaler, ema=ema, teacher=teacher)
+            record = trainer.fit()
+    print(f"done: top-1 {record['val_top1']:.2f}%, top-5 {record['val_top5']:.2f}% after {record['epoch']} "
+          f"epochs (best top-1 {trainer.position['best_top1']:.2f}%); checkpoints in {output}")
     return 0
 
 
