@@ -83,7 +83,7 @@ heading("3. A bug, caught")
 
 
 def buggy_linear_backward(dy, cache):
-    x, weight = cache
+    x, weight, _ = cache
     return dy @ weight, x.T @ dy, dy.sum(axis=0)  # the transpose of the right dW
 
 

@@ -18,20 +18,28 @@ malloc serves blocks above M_MMAP_THRESHOLD (128 KiB to 32 MiB, adaptive) with m
 to the system on free, so every step the kernel maps fresh zeroed pages and the step faults them in
 again: on ResMLP-S12 that was 9 s of system time over 15 steps. `keep_freed_memory()` raises the
 mmap threshold and the trim threshold so that freed blocks stay in the heap for the next step
-(measured in benchmarks/train_step.py: README, "Speed"). It is called once, by minimlp.ops, when this
-fast path is chosen; it changes nothing but where freed memory waits.
+(measured in benchmarks/train_step.py: README, "Speed"). It runs once, when minimlp.ops first chooses
+this fast path (this module's import); it changes nothing but where freed memory waits.
+
+Threads. The loops run on Numba's OpenMP threads, the matrix products on OpenBLAS's, one after the
+other. By default an OpenMP thread that has finished spins for a while waiting for more work, on a
+core that OpenBLAS's next product needs; with as many threads as cores each spinning thread halves
+the product beside it. OMP_WAIT_POLICY=PASSIVE (set here unless the environment already sets it,
+before Numba starts its threads) makes finished threads sleep instead.
 """
 import ctypes
 import ctypes.util
 import functools
 import math
+import os
 
-import numba
-import numpy as np
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by OpenMP when Numba first starts its threads
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
 
-from .backend import ERF_DENOMINATOR, ERF_NUMERATOR
+from .backend import ERF_DENOMINATOR, ERF_NUMERATOR  # noqa: E402
 
-OPERATIONS = ("affine_forward", "affine_backward", "bias_gelu_forward", "gelu_backward", "residual_forward",
+OPERATIONS = ("affine_forward", "affine_backward", "bias_gelu_forward", "bias_gelu_backward", "residual_forward",
               "residual_backward", "adamw_update")
 DTYPES = (np.dtype(np.float32),)
 
@@ -42,6 +50,8 @@ SQRT_HALF, INV_SQRT_2PI = F(math.sqrt(0.5)), F(1.0 / math.sqrt(2.0 * math.pi))
 P0, P1, P2, P3, P4, P5, P6 = (F(c) for c in ERF_NUMERATOR)
 Q0, Q1, Q2, Q3, Q4 = (F(c) for c in ERF_DENOMINATOR)
 ERF_CLAMP = F(4.0)
+EXP_FLOOR = F(-24.0)  # exp(-24) = 4e-11: below it, x * phi(x) is far under float32's resolution of Phi + x phi
+EXP_TAYLOR = tuple(F(1.0 / math.factorial(k)) for k in range(10))  # 1/k!, k = 0..9
 ROWS_PER_PARTIAL_SUM = 64  # reductions: each thread sums 64 rows into its own partial row, then one small sum
 
 jit = functools.partial(numba.njit, parallel=True, fastmath=True, cache=True)
@@ -82,17 +92,17 @@ def _affine(x, alpha, beta):
     return y
 
 
-def affine_backward(dy, cache):
-    # dx = alpha * dy; dalpha = sum dy * x; dbeta = sum dy: one pass over dy and x for all three
+def affine_backward(dy, cache, skip=None):
+    # dx = alpha * dy (+ skip); dalpha = sum dy * x; dbeta = sum dy: one pass over dy and x for all three
     x, alpha = cache
-    dy_rows = np.ascontiguousarray(dy).reshape(-1, dy.shape[-1])
-    x_rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
-    dx, dalpha, dbeta = _affine_backward(dy_rows, x_rows, alpha)
+    rows_of = lambda array: np.ascontiguousarray(array).reshape(-1, array.shape[-1])  # noqa: E731
+    skip_rows = np.zeros((1, 1), dy.dtype) if skip is None else rows_of(skip)
+    dx, dalpha, dbeta = _affine_backward(rows_of(dy), rows_of(x), alpha, skip_rows, skip is not None)
     return dx.reshape(dy.shape), dalpha, dbeta
 
 
 @jit
-def _affine_backward(dy, x, alpha):
+def _affine_backward(dy, x, alpha, skip, add_skip):
     rows, dim = dy.shape
     pieces = (rows + ROWS_PER_PARTIAL_SUM - 1) // ROWS_PER_PARTIAL_SUM
     dx = np.empty_like(dy)
@@ -100,7 +110,7 @@ def _affine_backward(dy, x, alpha):
     for piece in numba.prange(pieces):
         for i in range(piece * ROWS_PER_PARTIAL_SUM, min(rows, (piece + 1) * ROWS_PER_PARTIAL_SUM)):
             for j in range(dim):
-                dx[i, j] = alpha[j] * dy[i, j]
+                dx[i, j] = alpha[j] * dy[i, j] + skip[i, j] if add_skip else alpha[j] * dy[i, j]
                 dalpha_parts[piece, j] += dy[i, j] * x[i, j]
                 dbeta_parts[piece, j] += dy[i, j]
     return dx, dalpha_parts.sum(axis=0), dbeta_parts.sum(axis=0)
@@ -115,6 +125,29 @@ def _erf(x):
     numerator = ((((((P0 * x2 + P1) * x2 + P2) * x2 + P3) * x2 + P4) * x2 + P5) * x2 + P6) * x
     denominator = (((Q0 * x2 + Q1) * x2 + Q2) * x2 + Q3) * x2 + Q4
     return numerator / denominator
+
+
+@jit_inline
+def _exp_negative(t):
+    # exp(t) for t <= 0 without a call into libm (which would stop the loop from being vectorized):
+    # exp(t) = exp(t / 32) ** 32; t / 32 lies in [-0.75, 0], where Taylor to degree 9 errs by < 2e-8
+    # relative, and five squarings multiply that by 32: with float32 rounding, < 1e-5 relative (tested).
+    u = max(t, EXP_FLOOR) * F(1.0 / 32.0)
+    e = EXP_TAYLOR[9]
+    e = e * u + EXP_TAYLOR[8]
+    e = e * u + EXP_TAYLOR[7]
+    e = e * u + EXP_TAYLOR[6]
+    e = e * u + EXP_TAYLOR[5]
+    e = e * u + EXP_TAYLOR[4]
+    e = e * u + EXP_TAYLOR[3]
+    e = e * u + EXP_TAYLOR[2]
+    e = e * u + EXP_TAYLOR[1]
+    e = e * u + EXP_TAYLOR[0]
+    e = e * e
+    e = e * e
+    e = e * e
+    e = e * e
+    return e * e
 
 
 def bias_gelu_forward(x, bias):
@@ -136,20 +169,26 @@ def _bias_gelu(x, bias):
     return activated, cdf
 
 
-def gelu_backward(dy, cache):
-    # dx = dy * (Phi(x) + x * phi(x)), one pass
+def bias_gelu_backward(dy, cache):
+    # dx = dy * (Phi(x) + x * phi(x)); db = sum over rows of dx, in the same pass
     x, cdf = cache
-    return _gelu_backward(dy, x, cdf)
+    return _bias_gelu_backward(dy, x, cdf)
 
 
 @jit
-def _gelu_backward(dy, x, cdf):
+def _bias_gelu_backward(dy, x, cdf):
+    rows, dim = dy.shape
+    pieces = (rows + ROWS_PER_PARTIAL_SUM - 1) // ROWS_PER_PARTIAL_SUM
     dx = np.empty_like(dy)
-    for i in numba.prange(dy.shape[0]):
-        for j in range(dy.shape[1]):
-            value = x[i, j]
-            dx[i, j] = dy[i, j] * (cdf[i, j] + value * math.exp(-HALF * value * value) * INV_SQRT_2PI)
-    return dx
+    dbias_parts = np.zeros((pieces, dim), dy.dtype)
+    for piece in numba.prange(pieces):
+        for i in range(piece * ROWS_PER_PARTIAL_SUM, min(rows, (piece + 1) * ROWS_PER_PARTIAL_SUM)):
+            for j in range(dim):
+                value = x[i, j]
+                gradient = dy[i, j] * (cdf[i, j] + value * _exp_negative(-HALF * value * value) * INV_SQRT_2PI)
+                dx[i, j] = gradient
+                dbias_parts[piece, j] += gradient
+    return dx, dbias_parts.sum(axis=0)
 
 
 # --------------------------------------------------------------------------------------------- residual
@@ -159,7 +198,7 @@ def residual_forward(x, branch, bias, gamma, mask):
     per_patch_bias = bias.reshape(-1) if bias.ndim == 3 else np.zeros(x.shape[0], x.dtype)
     per_channel_bias = bias if bias.ndim == 1 else np.zeros(x.shape[2], x.dtype)
     y = _residual(x, branch, per_patch_bias, per_channel_bias, gamma, scale)
-    return y, ((branch, gamma), mask)  # the reference's cache: (layer_scale cache, mask)
+    return y, ((branch, gamma), mask, bias.shape)  # the reference's cache: (layer_scale cache, mask, bias shape)
 
 
 @jit
@@ -175,23 +214,29 @@ def _residual(x, branch, patch_bias, channel_bias, gamma, scale):
 
 
 def residual_backward(dy, cache):
-    # dbranch = mask * gamma * dy;  dgamma = sum over (N, B) of mask * dy * branch, one pass
-    (branch, gamma), mask = cache
-    return _residual_backward(np.ascontiguousarray(dy), branch, gamma, _scale_of(mask, dy))
+    # dbranch = mask * gamma * dy;  db = dbranch summed to b's shape;  dgamma = sum over (N, B) of
+    # mask * dy * branch: one pass
+    (branch, gamma), mask, bias_shape = cache
+    dbranch, sums_per_patch, sums_per_patch_channel, dgamma = _residual_backward(
+        np.ascontiguousarray(dy), branch, gamma, _scale_of(mask, dy))
+    dbias = sums_per_patch.reshape(bias_shape) if len(bias_shape) == 3 else sums_per_patch_channel.sum(axis=0)
+    return dbranch, dbias, dgamma
 
 
 @jit
 def _residual_backward(dy, branch, gamma, scale):
     patches, images, dim = dy.shape
     dbranch = np.empty_like(dy)
-    dgamma_parts = np.zeros((patches, dim), dy.dtype)
+    dgamma_parts, dbranch_sums = np.zeros((patches, dim), dy.dtype), np.zeros((patches, dim), dy.dtype)
     for n in numba.prange(patches):
         for b in range(images):
             for c in range(dim):
                 scaled = scale[b] * dy[n, b, c]
-                dbranch[n, b, c] = scaled * gamma[c]
+                gradient = scaled * gamma[c]
+                dbranch[n, b, c] = gradient
+                dbranch_sums[n, c] += gradient
                 dgamma_parts[n, c] += scaled * branch[n, b, c]
-    return dbranch, dgamma_parts.sum(axis=0)
+    return dbranch, dbranch_sums.sum(axis=1), dbranch_sums, dgamma_parts.sum(axis=0)
 
 
 def _scale_of(mask, like):

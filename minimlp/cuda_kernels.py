@@ -14,7 +14,9 @@ import math
 
 import numpy as np
 
-OPERATIONS = ("affine_forward", "bias_gelu_forward", "gelu_backward", "residual_forward", "residual_backward",
+from .layers import sum_to_shape
+
+OPERATIONS = ("affine_forward", "bias_gelu_forward", "bias_gelu_backward", "residual_forward", "residual_backward",
               "softmax_cross_entropy", "adamw_update")
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -79,6 +81,11 @@ def gelu_backward(dy, cache):
     return _gelu_backward()(dy, x, cdf)
 
 
+def bias_gelu_backward(dy, cache):
+    dx = gelu_backward(dy, cache)
+    return dx, dx.sum(axis=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # A residual branch's end: y = x + mask * gamma * (branch + bias), branch += bias in place.
 # Plain: bias, LayerScale, drop path, residual add: four passes over (N, B, d); fused: one.
@@ -97,13 +104,14 @@ def residual_forward(x, branch, bias, gamma, mask):
     import cupy
     y = cupy.empty_like(x)
     _residual()(x, bias, gamma, _scale_of(mask), branch, y)
-    return y, ((branch, gamma), mask)  # the plain path's cache: (layer_scale cache, mask)
+    return y, ((branch, gamma), mask, bias.shape)  # the plain path's cache: (layer_scale cache, mask, bias shape)
 
 
 def residual_backward(dy, cache):
-    (branch, gamma), mask = cache
+    (branch, gamma), mask, bias_shape = cache
     scale = _scale_of(mask)
-    return _residual_backward()(dy, gamma, scale), _scaled_product_sum()(dy, branch, scale, axis=(0, 1))
+    dbranch = _residual_backward()(dy, gamma, scale)
+    return dbranch, sum_to_shape(dbranch, bias_shape), _scaled_product_sum()(dy, branch, scale, axis=(0, 1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,11 +29,15 @@ def affine_forward(x, alpha, beta):
     return alpha * x + beta, (x, alpha)
 
 
-def affine_backward(dy, cache):
-    # dx = alpha * dy;  dalpha = sum(dy * x);  dbeta = sum(dy)    (sums over all but the last axis)
+def affine_backward(dy, cache, skip=None):
+    # dx = alpha * dy (+ skip);  dalpha = sum(dy * x);  dbeta = sum(dy)    (sums over all but the last axis)
+    # skip: the gradient that reaches x by the residual's skip path, when the Affine opens a residual branch
     x, alpha = cache
     axes = tuple(range(dy.ndim - 1))
-    return alpha * dy, (dy * x).sum(axis=axes), dy.sum(axis=axes)
+    dx = alpha * dy
+    if skip is not None:
+        dx += skip
+    return dx, (dy * x).sum(axis=axes), dy.sum(axis=axes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,13 +48,14 @@ def linear_forward(x, weight, bias):
     y = matmul(x, weight.T)
     if bias is not None:  # None: the next layer adds b in its own pass (bias_gelu_forward, residual_forward)
         y += bias
-    return y, (x, weight)
+    return y, (x, weight, bias is not None)
 
 
 def linear_backward(dy, cache):
-    # dx = dy @ W;  dW = dy^T @ x;  db = sum_rows(dy)
-    x, weight = cache
-    return matmul(dy, weight), matmul(dy.T, x), dy.sum(axis=0)
+    # dx = dy @ W;  dW = dy^T @ x;  db = sum_rows(dy)  (None when the bias was left to the next layer,
+    # which then returns its gradient: bias_gelu_backward, residual_backward)
+    x, weight, has_bias = cache
+    return matmul(dy, weight), matmul(dy.T, x), dy.sum(axis=0) if has_bias else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,16 +68,17 @@ def token_mixing_forward(tokens, weight, bias):
     mixed = matmul(weight, tokens.reshape(patches, images * channels))
     if bias is not None:  # None: residual_forward adds it
         mixed += bias[:, None]
-    return mixed.reshape(tokens.shape), (tokens, weight)
+    return mixed.reshape(tokens.shape), (tokens, weight, bias is not None)
 
 
 def token_mixing_backward(dy, cache):
     # dx = A^T @ dy;  dA = dy @ x^T;  dbias = sum over images and channels of dy    (all on (N, B*d))
-    tokens, weight = cache
+    # (dbias None when residual_forward added the bias: residual_backward returns its gradient)
+    tokens, weight, has_bias = cache
     patches = tokens.shape[0]
     dy_2d = dy.reshape(patches, -1)
     dx = matmul(weight.T, dy_2d).reshape(tokens.shape)
-    return dx, matmul(dy_2d, tokens.reshape(patches, -1).T), dy_2d.sum(axis=1)
+    return dx, matmul(dy_2d, tokens.reshape(patches, -1).T), dy_2d.sum(axis=1) if has_bias else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,6 +101,12 @@ def bias_gelu_forward(x, bias):
     # y = GELU(x + b): fc1's bias added in GELU's pass; x is overwritten with x + b (GELU's input, cached)
     x += bias
     return gelu_forward(x)
+
+
+def bias_gelu_backward(dy, cache):
+    # dx = dy * GELU'(x + b);  db = sum over rows of dx    (bias_gelu_forward's two steps, backwards)
+    dx = gelu_backward(dy, cache)
+    return dx, dx.sum(axis=0)
 
 
 def gelu_backward(dy, cache):
@@ -141,7 +153,7 @@ def patch_embed_forward(images, weight, bias):
 def patch_embed_backward(dtokens, cache, need_dimages=True):
     # the Linear's backward on flattened patches; dimages folds the patch gradients back into images
     linear_cache, image_shape, weight_shape = cache
-    patches, weight = linear_cache
+    patches, weight, _ = linear_cache
     dtokens_2d = dtokens.reshape(-1, dtokens.shape[-1])
     dweight = matmul(dtokens_2d.T, patches).reshape(weight_shape)
     dbias = dtokens_2d.sum(axis=0)
@@ -193,15 +205,24 @@ def residual_forward(x, branch, bias, gamma, mask=None):
     scaled, scale = layer_scale_forward(branch, gamma)
     if mask is not None:
         scaled, _ = drop_path_forward(scaled, mask)
-    return x + scaled, (scale, mask)
+    return x + scaled, (scale, mask, bias.shape)
 
 
 def residual_backward(dy, cache):
-    # d(branch) = mask * gamma * dy;  dgamma = sum over patches and images of mask * dy * branch.
-    # The skip path's gradient is dy itself; the caller adds it. db = sum of d(branch): the Linear's backward.
-    scale, mask = cache
+    # d(branch) = mask * gamma * dy;  db = d(branch) summed over the axes b broadcasts along;
+    # dgamma = sum over patches and images of mask * dy * branch.
+    # The skip path's gradient is dy itself: the caller adds it (affine_backward's `skip`).
+    scale, mask, bias_shape = cache
     dscaled = dy if mask is None else drop_path_backward(dy, mask)
-    return layer_scale_backward(dscaled, scale)
+    dbranch, dgamma = layer_scale_backward(dscaled, scale)
+    return dbranch, sum_to_shape(dbranch, bias_shape), dgamma
+
+
+def sum_to_shape(gradient, shape):
+    """The gradient of a value of `shape` broadcast to gradient.shape: the sum over the broadcast axes."""
+    leading = gradient.ndim - len(shape)
+    axes = tuple(range(leading)) + tuple(leading + i for i, size in enumerate(shape) if size == 1)
+    return gradient.sum(axis=axes).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,19 +68,19 @@ def block_backward(dout, cache, op=ops.REFERENCE_OPERATIONS):
     unchanged and adds the branch's: dx = dy + d(branch)/dx."""
     norm1, attn, residual1, norm2, fc1, act, fc2, residual2 = cache
     grads = {}
-    dchannel_out, grads["gamma_2"] = op.residual_backward(dout, residual2)
-    dactivated, grads["mlp.fc2.weight"], grads["mlp.fc2.bias"] = op.linear_backward(
-        dchannel_out.reshape(-1, dout.shape[-1]), fc2)
-    dhidden = op.gelu_backward(dactivated, act)
-    dnormed, grads["mlp.fc1.weight"], grads["mlp.fc1.bias"] = op.linear_backward(dhidden, fc1)
-    dnormed_middle, grads["norm2.alpha"], grads["norm2.beta"] = op.affine_backward(dnormed.reshape(dout.shape),
-                                                                                   norm2)
-    dmiddle = dout + dnormed_middle
+    dchannel_out, grads["mlp.fc2.bias"], grads["gamma_2"] = op.residual_backward(dout, residual2)
+    dactivated, grads["mlp.fc2.weight"], _ = op.linear_backward(dchannel_out.reshape(-1, dout.shape[-1]), fc2)
+    dhidden, grads["mlp.fc1.bias"] = op.bias_gelu_backward(dactivated, act)
+    dnormed, grads["mlp.fc1.weight"], _ = op.linear_backward(dhidden, fc1)
+    # the skip path carries dout to `middle` unchanged: dmiddle = dout + the branch's gradient
+    dmiddle, grads["norm2.alpha"], grads["norm2.beta"] = op.affine_backward(dnormed.reshape(dout.shape), norm2,
+                                                                            skip=dout)
 
-    dmixed, grads["gamma_1"] = op.residual_backward(dmiddle, residual1)
-    dnormed, grads["attn.weight"], grads["attn.bias"] = op.token_mixing_backward(dmixed, attn)
-    dnormed_tokens, grads["norm1.alpha"], grads["norm1.beta"] = op.affine_backward(dnormed, norm1)
-    return dmiddle + dnormed_tokens, grads
+    dmixed, dbias, grads["gamma_1"] = op.residual_backward(dmiddle, residual1)
+    grads["attn.bias"] = dbias.reshape(-1)  # it was added as (N, 1, 1)
+    dnormed, grads["attn.weight"], _ = op.token_mixing_backward(dmixed, attn)
+    dtokens, grads["norm1.alpha"], grads["norm1.beta"] = op.affine_backward(dnormed, norm1, skip=dmiddle)
+    return dtokens, grads
 
 
 class ResMLP:

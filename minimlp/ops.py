@@ -24,7 +24,7 @@ REFERENCE = dict(
     affine_forward=layers.affine_forward, affine_backward=layers.affine_backward,
     linear_forward=layers.linear_forward, linear_backward=layers.linear_backward,
     token_mixing_forward=layers.token_mixing_forward, token_mixing_backward=layers.token_mixing_backward,
-    bias_gelu_forward=layers.bias_gelu_forward, gelu_backward=layers.gelu_backward,
+    bias_gelu_forward=layers.bias_gelu_forward, bias_gelu_backward=layers.bias_gelu_backward,
     patch_embed_forward=layers.patch_embed_forward, patch_embed_backward=layers.patch_embed_backward,
     residual_forward=layers.residual_forward, residual_backward=layers.residual_backward,
     mean_pool_forward=layers.mean_pool_forward, mean_pool_backward=layers.mean_pool_backward,

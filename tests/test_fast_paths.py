@@ -41,25 +41,28 @@ CASES = {
         rng.normal(size=(PATCHES, IMAGES, DIM)), rng.normal(size=DIM), rng.normal(size=DIM)]),
     "affine_backward": ("affine_backward", lambda rng: [
         rng.normal(size=(PATCHES, IMAGES, DIM)), (rng.normal(size=(PATCHES, IMAGES, DIM)), rng.normal(size=DIM))]),
+    "affine_backward_with_skip": ("affine_backward", lambda rng: [
+        rng.normal(size=(PATCHES, IMAGES, DIM)), (rng.normal(size=(PATCHES, IMAGES, DIM)), rng.normal(size=DIM)),
+        rng.normal(size=(PATCHES, IMAGES, DIM))]),
     "affine_backward_pooled": ("affine_backward", lambda rng: [  # the head's Affine gets a broadcast view
         np.broadcast_to(rng.normal(size=(IMAGES, DIM)), (PATCHES, IMAGES, DIM)),
         (rng.normal(size=(PATCHES, IMAGES, DIM)), rng.normal(size=DIM))]),
     "bias_gelu_forward": ("bias_gelu_forward", lambda rng: [
         3 * rng.normal(size=(PATCHES * IMAGES, HIDDEN)), rng.normal(size=HIDDEN)]),
-    "gelu_backward": ("gelu_backward", lambda rng: [
-        rng.normal(size=(PATCHES * IMAGES, HIDDEN)), _gelu_cache(4 * rng.normal(size=(PATCHES * IMAGES, HIDDEN)))]),
+    "bias_gelu_backward": ("bias_gelu_backward", lambda rng: [  # more rows than one partial sum takes
+        rng.normal(size=(150, HIDDEN)), _gelu_cache(4 * rng.normal(size=(150, HIDDEN)))]),
     "residual_forward_token_bias_drop_path": ("residual_forward", lambda rng: [
         rng.normal(size=(PATCHES, IMAGES, DIM)), rng.normal(size=(PATCHES, IMAGES, DIM)),
         rng.normal(size=(PATCHES, 1, 1)), rng.normal(size=DIM), _mask(rng)]),
     "residual_forward_channel_bias": ("residual_forward", lambda rng: [
         rng.normal(size=(PATCHES, IMAGES, DIM)), rng.normal(size=(PATCHES, IMAGES, DIM)),
         rng.normal(size=DIM), rng.normal(size=DIM), None]),
-    "residual_backward_drop_path": ("residual_backward", lambda rng: [
+    "residual_backward_token_bias_drop_path": ("residual_backward", lambda rng: [
         rng.normal(size=(PATCHES, IMAGES, DIM)),
-        ((rng.normal(size=(PATCHES, IMAGES, DIM)), rng.normal(size=DIM)), _mask(rng))]),
-    "residual_backward": ("residual_backward", lambda rng: [
+        ((rng.normal(size=(PATCHES, IMAGES, DIM)), rng.normal(size=DIM)), _mask(rng), (PATCHES, 1, 1))]),
+    "residual_backward_channel_bias": ("residual_backward", lambda rng: [
         rng.normal(size=(PATCHES, IMAGES, DIM)), ((rng.normal(size=(PATCHES, IMAGES, DIM)), rng.normal(size=DIM)),
-                                                  None)]),
+                                                  None, (DIM,))]),
     "softmax_cross_entropy": ("softmax_cross_entropy", lambda rng: [
         8 * rng.normal(size=(IMAGES, CLASSES)), rng.dirichlet(np.ones(CLASSES), IMAGES)]),
     "softmax_cross_entropy_many_classes": ("softmax_cross_entropy", lambda rng: [  # more classes than threads per row
@@ -130,7 +133,7 @@ def test_selection_is_made_once_by_device_dtype_and_setting():
     assert ops.select("cpu", np.float32, fast=False) is ops.REFERENCE_OPERATIONS
     assert ops.select("cpu", np.float64) is ops.REFERENCE_OPERATIONS, "float64 (gradient checks) runs the reference"
     chosen = ops.select("cpu", np.float32)
-    assert chosen.name == "cpu_kernels" and chosen.gelu_backward is ops.fast_module("cpu", np.float32).gelu_backward
+    assert chosen.name == "cpu_kernels" and chosen.bias_gelu_backward is ops.fast_module("cpu", np.float32).bias_gelu_backward
     assert chosen.linear_forward is ops.REFERENCE["linear_forward"], "what the fast path lacks stays the reference"
     model = create_model("resmlp_tiny", depth=1)
     assert model.ops.name == "cpu_kernels" and create_model("resmlp_tiny", depth=1, fast=False).ops.name == "reference"
@@ -155,8 +158,7 @@ def test_whole_training_step_fast_matches_reference(fast):
 
 
 def test_residual_layer_matches_finite_differences():
-    """The reference layer the fused residual loops replace, in float64; the bias gradient belongs to the
-    Linear before it and is sum(d branch)."""
+    """The reference layer the fused residual loops replace, in float64: d(branch), the bias it adds, gamma."""
     rng = np.random.default_rng(1)
     x, branch, gamma, dy = (rng.normal(size=shape) for shape in
                             [(PATCHES, IMAGES, DIM), (PATCHES, IMAGES, DIM), DIM, (PATCHES, IMAGES, DIM)])
@@ -167,8 +169,8 @@ def test_residual_layer_matches_finite_differences():
 
     numerical = numerical_gradients(forward, [x, branch, bias, gamma], dy)
     _, cache = residual_forward(x, branch.copy(), bias, gamma, mask)
-    dbranch, dgamma = residual_backward(dy, cache)
+    dbranch, dbias, dgamma = residual_backward(dy, cache)
     assert relative_error(dy, numerical[0]) < 1e-7, "the skip path passes dy through"
     assert relative_error(dbranch, numerical[1]) < 1e-7
-    assert relative_error(dbranch.sum(axis=(1, 2), keepdims=True), numerical[2]) < 1e-7
+    assert relative_error(dbias, numerical[2]) < 1e-7
     assert relative_error(dgamma, numerical[3]) < 1e-7

@@ -340,12 +340,19 @@ def kernel_builders():
             if callable(getattr(value, "cache_clear", None)) and not inspect.signature(value).parameters]
 
 
+def stand_in_output(args):
+    """What a kernel that does not run returns: an empty NumPy array of the broadcast shape of its array
+    arguments, so that code after the launch (a sum of the result, say) runs as it would."""
+    arrays = [arg for arg in args if isinstance(arg, np.ndarray)]
+    return np.empty(np.broadcast_shapes(*(array.shape for array in arrays)), arrays[0].dtype)
+
+
 def recording_kernel_classes(launches, launch_for_real):
     """Subclasses of CuPy's kernel classes that append a Launch per call and, if launch_for_real, launch."""
     class ElementwiseKernel(cupy.ElementwiseKernel):
         def __call__(self, *args, **kwargs):
             launches.append(Launch(self, self.name, args, kwargs))
-            return super().__call__(*args, **kwargs) if launch_for_real else None
+            return super().__call__(*args, **kwargs) if launch_for_real else stand_in_output(args)
 
     class ReductionKernel(cupy.ReductionKernel):
         def __call__(self, *args, **kwargs):

@@ -41,7 +41,7 @@ LAYERS = {
     # probe that calls them again sees the unchanged input.
     "bias_gelu": (lambda rng: [3 * rng.normal(size=(PATCHES * IMAGES, HIDDEN)), rng.normal(size=HIDDEN)],
                   lambda x, bias: layers.bias_gelu_forward(x.copy(), bias),
-                  lambda dy, cache: _with_bias_gradient(layers.gelu_backward(dy, cache), axes=(0,)),
+                  layers.bias_gelu_backward,
                   lambda x, bias: torch.nn.GELU()(x + bias)),
     "residual": (lambda rng: [_tokens(rng), _tokens(rng), rng.normal(size=(PATCHES, 1, 1)), rng.normal(size=DIM)],
                  lambda x, branch, bias, gamma: layers.residual_forward(x, branch.copy(), bias, gamma,
@@ -51,15 +51,9 @@ LAYERS = {
 }
 
 
-def _with_bias_gradient(dx, axes):
-    """(dx,) -> (dx, dbias): a bias added before the layer gets the sum of dx over the broadcast axes."""
-    return dx, dx.sum(axis=axes)
-
-
 def _residual_gradients(dy, cache):
-    """residual_backward gives d(branch) and dgamma; the skip path's dx = dy and the bias's sum complete it."""
-    dbranch, dgamma = layers.residual_backward(dy, cache)
-    return dy, dbranch, dbranch.sum(axis=(1, 2), keepdims=True), dgamma
+    """residual_backward gives d(branch), dbias and dgamma; the skip path's dx = dy completes it."""
+    return (dy, *layers.residual_backward(dy, cache))
 
 
 def _run(name, xp, seed=0):
