@@ -58,10 +58,17 @@ def is_image_file(name):
 
 
 def list_images(folder):
-    """Sorted paths (str) of the image files under `folder`, searched recursively."""
-    paths = []
+    """Sorted paths (str) of the image files under `folder`, searched recursively. Links to folders are
+    followed (a class kept on another disk), each real folder once: a link loop (a/again -> .) adds nothing."""
+    paths, visited = [], set()
     for directory, subdirs, names in os.walk(folder, followlinks=True):
-        subdirs.sort()
+        real = os.path.realpath(directory)
+        if real in visited:  # reached again through a link
+            subdirs.clear()
+            continue
+        visited.add(real)
+        subdirs[:] = sorted(name for name in subdirs
+                            if os.path.realpath(os.path.join(directory, name)) not in visited)
         paths.extend(os.path.join(directory, name) for name in sorted(names) if is_image_file(name))
     return paths
 
@@ -182,7 +189,15 @@ def label_flat_images(paths, wnid_of, label_source, train_classes):
 
 def read_kaggle_solution(csv_path):
     """{image id: wnid} from Kaggle's LOC_val_solution.csv."""
-    with open(csv_path, newline="") as file:
+    try:
+        return parse_kaggle_solution(csv_path)
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{csv_path} is not a readable CSV file ({error}): expected Kaggle's "
+                        "LOC_val_solution.csv, text starting with 'ImageId,PredictionString'.") from None
+
+
+def parse_kaggle_solution(csv_path):
+    with open(csv_path, newline="", encoding="utf-8") as file:
         reader = csv.DictReader(file)
         if reader.fieldnames is None or not {"ImageId", "PredictionString"} <= set(reader.fieldnames):
             raise DataError(f"{csv_path} should start with the header 'ImageId,PredictionString' "
@@ -200,11 +215,15 @@ def read_devkit_labels(ground_truth_path, meta_path):
     """{image id: wnid} from the devkit: line i of the ground truth is ILSVRC2012_val_<i:08d>."""
     wnid_of_id = read_devkit_wnids(meta_path)
     wnid_of = {}
-    with open(ground_truth_path) as file:
+    with open(ground_truth_path, errors="replace") as file:
         for index, line in enumerate(file, start=1):
             if not line.strip():
                 continue
-            ilsvrc_id = int(line)
+            try:
+                ilsvrc_id = int(line)
+            except ValueError:
+                raise DataError(f"{ground_truth_path} line {index}: {line.strip()[:40]!r} is not an ILSVRC2012_ID "
+                                "(one number per line).") from None
             if ilsvrc_id not in wnid_of_id:
                 raise DataError(f"{ground_truth_path} line {index}: ILSVRC2012_ID {ilsvrc_id} is not in {meta_path}.")
             wnid_of[f"ILSVRC2012_val_{index:08d}"] = wnid_of_id[ilsvrc_id]
@@ -213,6 +232,10 @@ def read_devkit_labels(ground_truth_path, meta_path):
 
 def read_devkit_wnids(meta_path):
     """{ILSVRC2012_ID: wnid} from the devkit's meta.mat (struct array `synsets`)."""
-    synsets = scipy.io.loadmat(meta_path, squeeze_me=True)["synsets"]
-    return {int(ilsvrc_id): str(wnid) for ilsvrc_id, wnid in zip(synsets["ILSVRC2012_ID"], synsets["WNID"])}
+    try:
+        synsets = scipy.io.loadmat(meta_path, squeeze_me=True)["synsets"]
+        return {int(ilsvrc_id): str(wnid) for ilsvrc_id, wnid in zip(synsets["ILSVRC2012_ID"], synsets["WNID"])}
+    except Exception as error:  # scipy's MatReadError, a missing field, ... : not the devkit's meta.mat
+        raise DataError(f"{meta_path} is not the ILSVRC2012 devkit's meta.mat ({type(error).__name__}: {error}): "
+                        "take it from ILSVRC2012_devkit_t12/data.") from None
 

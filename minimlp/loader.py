@@ -27,9 +27,13 @@ again: the same batches (minimlp.workers). Workers die with the parent, also on 
 Unreadable files (corrupt, truncated, not an image, deleted since the scan): the file is skipped,
 its path is printed once as a warning line on stderr and appended to `loader.skipped`, and its batch
 comes out one image shorter (so batch sizes can vary). If every file of a batch fails, DataError
-names them: that is a broken dataset (or a wrong path), not a bad file.
+names them: that is a broken dataset (or a wrong path), not a bad file; so it is when every file of
+one class has failed (the class would never be seen). An image larger than Pillow's decompression-bomb
+limit (89M pixels) is decoded with a warning naming it; one over twice the limit is skipped as unreadable.
 """
+import collections
 import os
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -80,6 +84,10 @@ class Loader:
         self.workers = os.cpu_count() if workers is None else workers
         self.prefetch = max(1, 2 * self.workers if prefetch is None else prefetch)
         self.skipped = []
+        self.classes = list(getattr(dataset, "classes", []))
+        self.class_sizes = collections.Counter(label for _, label in self.samples)
+        self.unreadable = collections.Counter()  # per label: files skipped
+        self.warned = set()
         self.pool = None
 
     def __len__(self):
@@ -112,8 +120,8 @@ class Loader:
             raise ValueError(f"start_batch {start_batch} is outside 0..{len(self)} (batches per epoch)")
         tasks = self.batch_tasks(epoch, start_batch)
         results = map(load_batch, tasks) if self.workers == 0 else self.parallel_results(tasks)
-        for images, labels, failures in results:
-            self.report(failures)
+        for images, labels, failures, notes in results:
+            self.report(failures, notes)
             yield images, labels
 
     def parallel_results(self, tasks):
@@ -137,12 +145,23 @@ class Loader:
             self.pool = WorkerPool(load_batch, self.workers, name="loader worker")
         return self.pool
 
-    def report(self, failures):
-        """Warn once per unreadable file and remember it in self.skipped."""
-        for path, reason in failures:
+    def report(self, failures, notes=()):
+        """Warn once per unreadable file and remember it in self.skipped; DataError when no file of a class
+        can be read. notes: (path, warning) pairs, each said once."""
+        for path, note in notes:
+            if (path, note) not in self.warned:
+                self.warned.add((path, note))
+                write(f"warning: {path}: {note}")
+        for path, label, reason in failures:
             if path not in self.skipped:
                 self.skipped.append(path)
                 write(f"warning: skipping unreadable image {path} ({reason})")  # a line of its own, never on a bar
+                self.unreadable[label] += 1
+                if self.unreadable[label] == self.class_sizes[label]:
+                    name = self.classes[label] if label < len(self.classes) else f"with label {label}"
+                    raise DataError(f"no image of class {name} in {self.where} can be read ({self.unreadable[label]}"
+                                    f" files, e.g. {path}: {reason}): the class would never be seen. Replace the "
+                                    "files, or remove the class folder.")
 
     def close(self):
         """Stop the worker processes (a later epoch starts new ones)."""
@@ -182,21 +201,30 @@ class BatchTask:
 
 
 def load_batch(task):
-    """BatchTask -> (images uint8 (B, 3, H, W), labels int64 (B,), failures [(path, reason)]).
+    """BatchTask -> (images uint8 (B, 3, H, W), labels int64 (B,), failures [(path, label, reason)],
+    notes [(path, warning)]).
 
-    Runs in a worker process (or in the caller when workers=0). Unreadable files are left out.
+    Runs in a worker process (or in the caller when workers=0). Unreadable files are left out. Pillow's
+    DecompressionBombWarning does not say which file: it comes back as a note naming it.
     """
-    images, labels, failures = [], [], []
+    images, labels, failures, notes = [], [], [], []
     for position, (path, label) in zip(task.positions, task.samples):
         try:
-            images.append(task.settings.transform(path, task.epoch, position))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", Image.DecompressionBombWarning)
+                images.append(task.settings.transform(path, task.epoch, position))
             labels.append(label)
         except UNREADABLE_IMAGE_ERRORS as error:
-            failures.append((path, f"{type(error).__name__}: {error}"))
+            failures.append((path, label, f"{type(error).__name__}: {error}"))
+        for warning in caught:
+            if issubclass(warning.category, Image.DecompressionBombWarning):
+                notes.append((path, f"{warning.message} (decoded anyway)"))
+            else:  # not ours to change: shown as it would have been
+                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     if not images:
-        shown = "; ".join(f"{path} ({reason})" for path, reason in failures[:3])
+        shown = "; ".join(f"{path} ({reason})" for path, _, reason in failures[:3])
         more = f" and {len(failures) - 3} more" if len(failures) > 3 else ""
         raise DataError(f"every image of a batch failed to load: {shown}{more}. Check that these files are "
                         "images (and that the --data path is right).")
-    return np.stack(images), np.asarray(labels, dtype=np.int64), failures
+    return np.stack(images), np.asarray(labels, dtype=np.int64), failures, notes
 
