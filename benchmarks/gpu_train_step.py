@@ -39,7 +39,7 @@ from minimlp.optim import AdamW  # noqa: E402
 from minimlp.step import train_step  # noqa: E402
 from minimlp.weights import official_to_timm  # noqa: E402
 
-TRAIN_FLOPS_PER_IMAGE = 18e9  # REFERENCE.md: ~6 GFLOP forward (3.0 G multiply-adds), x3 for training
+TRAIN_FLOPS_PER_IMAGE = 18e9  # docs/reference.md, Cost of a step: ~6 GFLOP forward (3.0 G multiply-adds), x3 for training
 LR, WEIGHT_DECAY, SMOOTHING = 1e-4, 0.05, 0.1
 
 
