@@ -10,6 +10,7 @@
 Flags follow DeiT/timm. Without --data, the demo defaults apply (see --help).
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -20,6 +21,7 @@ from minimlp import backend, create_model
 from minimlp.checkpoint import check_compatible, check_not_rewinding, read_resume, restore_run
 from minimlp.config import RECIPES, complete_settings, dataset_defaults
 from minimlp.datasets import DataError, load_datasets
+from minimlp.distributed import connect
 from minimlp.distillation import KINDS as DISTILLATION_TYPES
 from minimlp.ema import ModelEma
 from minimlp.loader import Loader
@@ -146,9 +148,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    world = connect()  # MPIWorld under mpiexec (data parallel: minimlp.distributed), else SingleProcess
+    world.quiet_other_ranks()
+    return world.exit(run_and_report(args, world))
+
+
+def run_and_report(args, world):
+    """run(args, world); an error becomes one line on stderr and the exit code."""
     try:
         with quit_on_stop_signals():
-            return run(args)
+            return run(args, world)
     except Interrupted as stop:  # a signal or a dead worker during training: a checkpoint was saved
         print(stop, file=sys.stderr)
         return stop.exit_code
@@ -170,13 +179,16 @@ def main(argv=None):
         return 2
 
 
-def run(args):
-    checkpoint = read_resume(args.resume, args.eval_only) if args.resume else None
+def run(args, world):
+    # Data parallel: rank 0 reads the checkpoint and sends it to every rank (no shared filesystem needed).
+    checkpoint = world.from_writer(lambda: read_resume(args.resume, args.eval_only)) if args.resume else None
+    args.world_size = world.size  # --batch-size is per rank; the learning-rate rules use the global batch
     meta = checkpoint[2] if checkpoint else None
     evaluate_ema = bool(args.eval_only and args.model_ema)  # asked for now, not a setting kept from the checkpoint
     for line in complete_settings(args, meta):
         print(line)
     backend.set_tf32(args.tf32)  # before any GPU work: CuPy reads it at its first float32 matmul
+    world.use_local_gpu(args.device)  # rank r takes GPU local_rank of its machine
     device = backend.resolve_device(args.device)
     print(f"device: {device}" + (" (auto: no CUDA GPU with CuPy found)" if args.device == "auto" and device == "cpu"
                                  else f" (TF32 matmuls {'on' if args.tf32 else 'off'})" if device == "gpu" else ""))
@@ -185,20 +197,28 @@ def run(args):
               "dynamic loss scaling" + (" (emulated on the CPU: slower, not faster)" if device == "cpu" else ""))
     data = args.data
     if data is None:
+        if world.is_writer:  # one rank generates it; the others wait (one machine) or make their own
+            ensure_shapes_dataset()
+        world.barrier()
         data = ensure_shapes_dataset()
         print(f"no --data given: the demo, {args.model} on the built-in shapes10 dataset in {data}")
     train_set, val_set = load_datasets(data)
     for line in dataset_defaults(args, len(train_set)):
         print(line)
+    world.check_same(settings_of(args))  # every rank the same flags and code, or none starts
+    description = world.describe(device)
+    if description:
+        print(description + f"; global batch {world.size} x {args.batch_size} = {world.size * args.batch_size}")
     if meta is not None:
         check_compatible(args.resume, meta, vars(args), train_set.classes, args.eval_only)
     model = create_model(args.model, num_classes=len(train_set.classes), img_size=args.img_size,
                          patch_size=args.patch_size, drop_path=args.drop_path, device=device, seed=args.seed, fast=args.fast)
+    model.drop_path_shard = (world.rank, world.size)  # the rank's slice of the global batch's masks
     print(f"model: {args.model}, {model.num_params() / 1e6:.2f}M parameters, {model.num_patches} patches, "
           f"{model.ops.name} operations; "
           f"data: {len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes")
     val_loader = Loader(val_set, args.batch_size, train=False, img_size=args.img_size, crop_pct=args.crop_pct,
-                        seed=args.seed, workers=args.workers)
+                        seed=args.seed, workers=args.workers, rank=world.rank, num_replicas=world.size)
     if args.eval_only:
         model.load_state_dict(checkpoint[0])
         if evaluate_ema:  # the checkpoint's average of the weights, in their place
@@ -209,16 +229,18 @@ def run(args):
             ema.load_state_dict(checkpoint[3]["ema"])  # (says so when it does not fit the model)
             model.parameters.data[...] = ema.data
         with val_loader:
-            metrics = evaluate(model, val_loader, amp=args.amp)
+            metrics = evaluate(model, val_loader, amp=args.amp, world=world)
         print(f"{args.resume}{' (EMA)' if evaluate_ema else ''}: top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  "
               f"val loss {metrics['val_loss']:.4f}  ({len(val_set)} images)")
         return 0
     auto_augment = (None if args.aa == "none" else
                     RandAugment(args.aa, img_mean=IMAGENET_MEAN, interpolation=args.train_interpolation))
-    sampler = RepeatedAugmentationSampler(len(train_set), args.seed) if args.repeated_aug else None
+    sampler = (RepeatedAugmentationSampler(len(train_set), args.seed, num_replicas=world.size, rank=world.rank)
+               if args.repeated_aug else None)
     train_loader = Loader(train_set, args.batch_size, train=True, img_size=args.img_size, scale=tuple(args.scale),
                           seed=args.seed, workers=args.workers, interpolation=args.train_interpolation,
-                          hflip=args.hflip, auto_augment=auto_augment, sampler=sampler)
+                          hflip=args.hflip, auto_augment=auto_augment, sampler=sampler, rank=world.rank,
+                          num_replicas=world.size)
     optimizer = make_optimizer(args.opt, model, args.lr, args.weight_decay)
     scaler = LossScaler() if args.amp else NoLossScaling()
     ema = ModelEma(model.parameters.data, args.model_ema_decay) if args.model_ema else None
@@ -241,18 +263,19 @@ def run(args):
     continuing = bool(args.resume) and output is not None and output.resolve() == args.resume.parent.resolve()
     if args.resume:
         check_not_rewinding(args.resume, meta, output)
-    if output is None:
-        output = new_run_folder("runs", f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
-    with RunFolder.claim(output, continuing):
-        write_atomically(output / "config.json", lambda file: file.write(
-            (json.dumps(settings_of(args), indent=2) + "\n").encode()))
-        if position is not None and trim_log(output / "log.jsonl", position["epoch"]):
+    if output is None:  # rank 0 names it (data parallel)
+        output = world.from_writer(lambda: new_run_folder("runs", f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    with RunFolder.claim(output, continuing) if world.is_writer else contextlib.nullcontext():  # rank 0 writes
+        if world.is_writer:
+            write_atomically(output / "config.json", lambda file: file.write(
+                (json.dumps(settings_of(args), indent=2) + "\n").encode()))
+        if world.is_writer and position is not None and trim_log(output / "log.jsonl", position["epoch"]):
             print(f"{output / 'log.jsonl'}: dropped the lines past the checkpoint's epoch {position['epoch']} "
                   "(written just before a kill), to be written again")
         print(f"output: {output}")
         with train_loader, val_loader:
             trainer = Trainer(model, optimizer, train_loader, val_loader, train_set.classes, settings_of(args),
-                              output, position, scaler, ema=ema, teacher=teacher)
+                              output, position, scaler, ema=ema, teacher=teacher, world=world)
             record = trainer.fit()
     print(f"done: top-1 {record['val_top1']:.2f}%, top-5 {record['val_top5']:.2f}% after {record['epoch']} "
           f"epochs (best top-1 {trainer.position['best_top1']:.2f}%); checkpoints in {output}")

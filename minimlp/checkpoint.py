@@ -175,8 +175,12 @@ def check_compatible(path, meta, settings, classes, eval_only=False):
         return
     # Where a run stands (epoch, batch) only means the same thing with the same batches: same size, same order.
     changed = [f"{flag} {meta['settings'].get(key)} (now {settings[key]})"
-               for flag, key in [("--opt", "opt"), ("--batch-size", "batch_size"), ("--seed", "seed")]
-               if meta["settings"].get(key) != settings[key]]
+               for flag, key in [("--opt", "opt"), ("--seed", "seed")] if meta["settings"].get(key) != settings[key]]
+    # Data parallel: the global batch, --batch-size (per rank) x ranks; another number of ranks is fine.
+    before, now = ([s.get("batch_size"), s.get("world_size") or 1] for s in (meta["settings"], settings))
+    if before[0] * before[1] != now[0] * now[1]:
+        changed.append(f"--batch-size {before[0]}" + (f" x {before[1]} ranks" if before[1] > 1 else "") +
+                       f" (now {now[0]}" + (f" x {now[1]} ranks" if now[1] > 1 else "") + ")")
     if bool(meta["settings"].get("repeated_aug")) != bool(settings.get("repeated_aug")):  # another epoch order
         changed.append(f"--repeated-aug {bool(meta['settings'].get('repeated_aug'))} (now "
                        f"{bool(settings.get('repeated_aug'))})")

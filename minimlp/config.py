@@ -86,6 +86,9 @@ def complete_settings(args, meta):
             if getattr(args, key) is None and meta["settings"].get(key) is not None:
                 value = meta["settings"][key]
                 setattr(args, key, Path(value) if key == "data" else tuple(value) if key == "scale" else value)
+                if key == "batch_size":  # the same global batch over this run's number of ranks
+                    args.batch_size = per_rank_batch(value * meta["settings"].get("world_size", 1), args,
+                                                     "the checkpoint's global batch")
         for key, value in BEFORE_AUGMENTATIONS.items():
             if getattr(args, key) is None and key not in meta["settings"]:
                 setattr(args, key, value)
@@ -108,9 +111,11 @@ def apply_recipe(args):
         raise ValueError(f"--recipe {args.recipe!r}: choose one of {', '.join(RECIPES)}")
     recipe = RECIPES[args.recipe]
     given = [key for key in recipe if getattr(args, key) is not None]
-    if getattr(args, "lr") is None and args.batch_size is not None and args.batch_size != PAPER_BATCH_SIZE:
-        args.lr = recipe["lr"] * args.batch_size / PAPER_BATCH_SIZE
-        lr_note = f" (--lr {args.lr:.3g}: {recipe['lr']:g} x batch {args.batch_size} / {PAPER_BATCH_SIZE})"
+    if args.batch_size is None and world_size(args) > 1:  # the paper's batch is the global one
+        args.batch_size = per_rank_batch(PAPER_BATCH_SIZE, args, f"--recipe {args.recipe}'s batch")
+    if getattr(args, "lr") is None and args.batch_size is not None and global_batch(args) != PAPER_BATCH_SIZE:
+        args.lr = recipe["lr"] * global_batch(args) / PAPER_BATCH_SIZE
+        lr_note = f" (--lr {args.lr:.3g}: {recipe['lr']:g} x batch {global_batch(args)} / {PAPER_BATCH_SIZE})"
     else:
         lr_note = ""
     for key, value in recipe.items():
@@ -136,15 +141,15 @@ def dataset_defaults(args, num_train):
     large = num_train >= LARGE_DATASET and args.model != "resmlp_tiny"
     why = {}
     if large:
-        lr = 5e-4 * args.batch_size / 512
-        why["lr"] = f"DeiT's rule 5e-4 x batch {args.batch_size} / 512"
+        lr = 5e-4 * global_batch(args) / 512
+        why["lr"] = f"DeiT's rule 5e-4 x batch {global_batch(args)} / 512"
         augmentation = PAPER_AUGMENTATION
         augmentation_why = "the paper's augmentations (for an S/B model on an ImageNet-sized set)"
     else:
         base, base_batch = SMALL_SET_LR.get(args.model, SMALL_SET_LR_SB)
-        lr = base * math.sqrt(args.batch_size / base_batch)
-        deit = 5e-4 * args.batch_size / 512
-        why["lr"] = (f"{base:g} x sqrt(batch {args.batch_size} / {base_batch}), a rate known to train {args.model}"
+        lr = base * math.sqrt(global_batch(args) / base_batch)
+        deit = 5e-4 * global_batch(args) / 512
+        why["lr"] = (f"{base:g} x sqrt(batch {global_batch(args)} / {base_batch}), a rate known to train {args.model}"
                      f" scaled by the square root of the batch; DeiT's rule (5e-4 x batch / 512 = {deit:.2g}) is"
                      " made for 1.28M images over 300 epochs and trains too little on a small set")
         augmentation = LIGHT_AUGMENTATION
@@ -157,7 +162,7 @@ def dataset_defaults(args, num_train):
     for key in missing:
         setattr(args, key, chosen[key])
     size = "an ImageNet-sized set" if large else ("a small set" if num_train < LARGE_DATASET else "resmlp_tiny")
-    lines = [f"defaults for {num_train:,} training images ({size}), {args.model}, batch {args.batch_size}, "
+    lines = [f"defaults for {num_train:,} training images ({size}), {args.model}, batch {global_batch(args)}, "
              f"{args.epochs} epochs (any flag given wins; --recipe resmlp-s12 for the paper's):"]
     for key in ("lr", "warmup_epochs"):
         if key in missing:
@@ -167,6 +172,24 @@ def dataset_defaults(args, num_train):
         lines.append(f"  {' '.join(flag_with_value(args, key) for key in augmentation_keys)}: {augmentation_why}")
     check_settings(args)
     return lines
+
+
+def world_size(args):
+    """The number of data parallel ranks (train.py sets args.world_size; minimlp.distributed)."""
+    return getattr(args, "world_size", None) or 1
+
+
+def global_batch(args):
+    """--batch-size is per rank (DeiT/timm); the learning-rate rules use the global batch, K x --batch-size."""
+    return args.batch_size * world_size(args)
+
+
+def per_rank_batch(total, args, what):
+    """The per-rank --batch-size of a global batch of `total` images over this run's ranks."""
+    if total % world_size(args):
+        raise ValueError(f"{what} of {total} images does not split over {world_size(args)} ranks: give --batch-size "
+                         "(per rank), or start a number of ranks that divides it")
+    return total // world_size(args)
 
 
 def flag_name(key):

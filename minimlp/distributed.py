@@ -14,7 +14,7 @@ same step and holds the same weights; evaluation is sharded the same way and its
 Both worlds have the same methods, so the training step (minimlp.step) and the loop have no
 "single process?" branches, as NoLossScaling stands in for the loss scaler in float32:
     backward(model, dlogits)   model.backward, then the mean gradient over the ranks
-    all_true(flag), any(flag)  one decision for every rank (a finite gradient; stop now)
+    all_true(flag), max(value) one decision for every rank (a finite gradient; stop now)
     sum(values)                elementwise sum over the ranks (evaluation counts, training losses)
     barrier(), from_writer(f)  wait for every rank; f() on rank 0, its result on every rank
     check_same(settings)       refuse to start when ranks run other flags or other code
@@ -68,8 +68,8 @@ class SingleProcess:
     def all_true(self, flag):
         return bool(flag)
 
-    def any(self, flag):
-        return bool(flag)
+    def max(self, value):
+        return value
 
     def sum(self, values):
         return np.asarray(values)
@@ -140,8 +140,9 @@ class MPIWorld:
     def all_true(self, flag):
         return bool(self._allreduce(np.array([int(bool(flag))]), self.MPI.MIN, "agreeing on a finite gradient")[0])
 
-    def any(self, flag):
-        return bool(self._allreduce(np.array([int(bool(flag))]), self.MPI.MAX, "agreeing on stopping")[0])
+    def max(self, value):
+        """The largest of the ranks' integers (a stop signal's number, 0 for none; a bool)."""
+        return int(self._allreduce(np.array([int(value)]), self.MPI.MAX, "agreeing on stopping")[0])
 
     def sum(self, values):
         return self._allreduce(np.asarray(values, dtype=np.float64), self.MPI.SUM, "adding up over the ranks")
@@ -204,9 +205,9 @@ class MPIWorld:
         return None
 
     def exit(self, code):
-        """The process's exit code. A failing rank (code other than 0 or 130, which every rank reaches
-        together after a Ctrl-C) aborts the job: the others may be waiting for it in a collective."""
-        if code not in (0, 130):
+        """The process's exit code. A failing rank (a code other than 0 or 128 + a signal, which every rank
+        reaches together after a Ctrl-C or SIGTERM) aborts the job: the others may be waiting for it."""
+        if code < 128 and code != 0:  # 128 + a signal: every rank stopped after the same step
             last = getattr(sys.stderr, "last_line", None)  # the error line of a quiet rank (rank 0's is printed)
             self.abort(f"failed (exit code {code})" + (f": {last}" if last else ""), code)
         return code

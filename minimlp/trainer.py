@@ -21,6 +21,7 @@ import numpy as np
 from . import backend
 from .checkpoint import save_run
 from .device_feed import DeviceFeed
+from .distributed import SingleProcess
 from .distillation import distillation_loss
 from .loss_scaling import NoLossScaling
 from .losses import cross_entropy
@@ -94,10 +95,11 @@ def topk_correct(logits, labels, ks=(1, 5)):
     return xp.stack([hits[:, :k].any(axis=1).sum() for k in ks])
 
 
-def evaluate(model, loader, feed=None, amp=False, desc="eval"):
+def evaluate(model, loader, feed=None, amp=False, desc="eval", world=SingleProcess()):
     """Mean loss (no label smoothing) and top-1/top-5 in percent over every batch of `loader`.
     amp: float16 matrix products, as in training with --amp. The sums stay on the device until the end,
-    so the host never waits for the GPU between batches."""
+    so the host never waits for the GPU between batches. world (data parallel): each rank's loader holds its
+    shard of the validation set, and the sums are added up over the ranks."""
     feed = feed or DeviceFeed(model.device, model.dtype)
     totals = model.xp.zeros(3, dtype=np.float64)  # loss sum, top-1 hits, top-5 hits
     count = 0
@@ -109,7 +111,7 @@ def evaluate(model, loader, feed=None, amp=False, desc="eval"):
         totals[1:] += topk_correct(logits, y)
         count += len(y)
     model.free_activations()
-    loss_sum, top1, top5 = backend.to_numpy(totals).tolist()
+    loss_sum, top1, top5, count = world.sum([*backend.to_numpy(totals).tolist(), count]).tolist()
     return dict(val_loss=loss_sum / count, val_top1=100.0 * top1 / count, val_top5=100.0 * top5 / count)
 
 
@@ -120,6 +122,7 @@ class StopSignals:
 
     def __init__(self):
         self.signum = None  # the first stop signal received
+        self.agreed = 0  # the stop signal any rank has received (agree), 0 for none
         self.deferring = 0
         self.quit_after = None  # a second signal received while deferring
         self.previous = {}
@@ -130,7 +133,15 @@ class StopSignals:
 
     @property
     def name(self):
-        return STOP_SIGNALS.get(self.signum, "")
+        return STOP_SIGNALS.get(self.agreed or self.signum, "")
+
+    def agree(self, world):
+        """Data parallel: whether any rank has received a stop signal (mpiexec passes Ctrl-C and SIGTERM on to
+        every rank, not at the same instant), so that every rank stops after the same step; a small
+        all-reduce (minimlp.distributed). A rank that takes another's signal treats its own, arriving later,
+        as its first."""
+        self.agreed = int(world.max(self.signum or 0))
+        return self.agreed != 0
 
     def __enter__(self):
         self.previous = {number: signal.signal(number, self.handle) for number in STOP_SIGNALS}
@@ -169,8 +180,9 @@ class Trainer:
     callable images -> logits (minimlp.teacher, --distillation-type soft/hard)."""
 
     def __init__(self, model, optimizer, train_loader, val_loader, classes, settings, output, position=None,
-                 scaler=NoLossScaling(), ema=None, teacher=None):
+                 scaler=NoLossScaling(), ema=None, teacher=None, world=SingleProcess()):
         self.model, self.optimizer = model, optimizer
+        self.world = world  # data parallel (minimlp.distributed): rank 0 writes; gradients, losses, stops agreed
         self.train_loader, self.val_loader = train_loader, val_loader
         self.classes, self.settings, self.output = classes, settings, output
         self.scaler = scaler
@@ -244,25 +256,26 @@ class Trainer:
                 bar.close()
                 raise
             pending.append((self.train_step(x, y), len(y)))
-            p["images"] += len(y)
+            p["images"] += len(y) * self.world.size  # the global batch's
             p["batch"] += 1
             p["global_step"] += 1
             p["seconds"] = seconds_before + time.perf_counter() - started
             if self.model.device == "gpu":
                 self.peak_gpu_bytes = max(self.peak_gpu_bytes, backend.gpu_memory_held_bytes())
             postfix = {}
-            if len(pending) == READ_LOSS_EVERY or stop.pressed or p["batch"] == len(loader):
+            stopping = stop.agree(self.world)
+            if len(pending) == READ_LOSS_EVERY or stopping or p["batch"] == len(loader):
                 self.read_losses(pending)
                 postfix = dict(loss=f"{p['loss_sum'] / p['images']:.4f}", lr=f"{self.optimizer.lr:.2e}",
                                img_s=f"{p['images'] / max(p['seconds'], 1e-9):.0f}",
                                **(dict(skipped=self.scaler.skipped_steps) if self.scaler.half_precision else {}))
             bar.update(1, **postfix)
-            if stop.pressed:
+            if stopping:
                 bar.close()
                 self.save("checkpoint.npz")
                 raise Interrupted(f"{stop.name}: stopped at epoch {epoch + 1}, batch {p['batch']}/{len(loader)} "
-                                  f"(checkpoint saved); {self.resume_hint()}", 128 + stop.signum)
-            if self.save_every and time.monotonic() - self.last_save >= self.save_every:  # --save-every
+                                  f"(checkpoint saved); {self.resume_hint()}", 128 + stop.agreed)
+            if self.save_every and self.world.max(time.monotonic() - self.last_save >= self.save_every):  # --save-every
                 self.read_losses(pending)
                 self.save("checkpoint.npz")
         self.read_losses(pending)
@@ -275,12 +288,14 @@ class Trainer:
             return
         p = self.position
         values = backend.to_numpy(self.xp.stack([loss for loss, _ in pending]))
+        # loss x images of each step, added up over the ranks (data parallel): the global batch's sums
+        sums = self.world.sum(values * np.array([images for _, images in pending]))
         first_step = p["global_step"] - len(pending)
-        for index, (value, (_, images)) in enumerate(zip(values.tolist(), pending)):
+        for index, value in enumerate(sums.tolist()):
             if not np.isfinite(value):
                 raise FloatingPointError(f"the training loss became {value} at step {first_step + index}: "
                                          "lower --lr, or set --clip-grad")
-            p["loss_sum"] += value * images
+            p["loss_sum"] += value
         pending.clear()
 
     def batch_generator(self, stream):
@@ -310,7 +325,8 @@ class Trainer:
                                          s["distillation_alpha"], s["distillation_tau"], smoothing)
         scale = self.scaler.scale
         loss, finite = train_step(self.model, self.optimizer, x, y, self.learning_rate(self.position["global_step"]),
-                                  self.scaler, smoothing=smoothing, clip_grad=s["clip_grad"], criterion=criterion)
+                                  self.scaler, smoothing=smoothing, clip_grad=s["clip_grad"], criterion=criterion,
+                                  sync=self.world)
         if self.ema is not None:  # after every step, as timm's ModelEma (a skipped step leaves the weights as they were)
             self.ema.update(self.model.parameters.data)
         if not finite:
@@ -322,15 +338,15 @@ class Trainer:
     def end_epoch(self, stop):
         """Evaluate, log, checkpoint, and move the position to the next epoch."""
         p, s = self.position, self.settings
-        if stop.pressed:  # pressed during the last step's bookkeeping: training is done, eval is not
+        if stop.agree(self.world):  # pressed during the last step's bookkeeping: training is done, eval is not
             self.save("checkpoint.npz")
             raise Interrupted(f"{stop.name}: stopped after the training part of epoch {p['epoch'] + 1} (checkpoint "
-                              f"saved); {self.resume_hint()}", 128 + stop.signum)
-        metrics = evaluate(self.model, self.val_loader, self.feed, amp=self.scaler.half_precision)
+                              f"saved); {self.resume_hint()}", 128 + stop.agreed)
+        metrics = evaluate(self.model, self.val_loader, self.feed, amp=self.scaler.half_precision, world=self.world)
         if self.ema is not None:  # the average of the weights, evaluated in their place
             with self.ema.swapped_into(self.model.parameters.data):
                 averaged = evaluate(self.model, self.val_loader, self.feed, amp=self.scaler.half_precision,
-                                    desc="eval EMA")
+                                    desc="eval EMA", world=self.world)
             metrics.update({f"ema_{name}": value for name, value in averaged.items()})
         record = dict(epoch=p["epoch"] + 1, train_loss=p["loss_sum"] / max(p["images"], 1), **metrics,
                       lr=self.optimizer.lr, images_per_s=p["images"] / max(p["seconds"], 1e-9),
@@ -355,22 +371,26 @@ class Trainer:
         # The log line first, then best.npz, then checkpoint.npz: a kill in between leaves the log ahead of
         # the checkpoint, and the resume trims it (minimlp.run_folder). A second signal waits for all three.
         with stop.deferred():
-            append_log(self.output / "log.jsonl", record)
+            if self.world.is_writer:  # rank 0 writes (data parallel)
+                append_log(self.output / "log.jsonl", record)
             if improved:
                 self.save("best.npz")
             self.save("checkpoint.npz")
         try:
-            draw_run(self.output)  # curves.png, never more than an epoch old
+            if self.world.is_writer:
+                draw_run(self.output)  # curves.png, never more than an epoch old
         except (PlotError, OSError) as error:
             write(f"warning: could not draw {self.output / 'curves.png'}: {error}")
-        if stop.pressed:  # pressed during the evaluation: the epoch is complete and saved
+        if stop.agree(self.world):  # pressed during the evaluation: the epoch is complete and saved
             raise Interrupted(f"{stop.name}: stopped after epoch {record['epoch']} (checkpoint saved); "
-                              f"{self.resume_hint()}", 128 + stop.signum)
+                              f"{self.resume_hint()}", 128 + stop.agreed)
         return record
 
     # -----------------------------------------------------------------------------------------
     def save(self, filename):
+        """Rank 0 writes: every rank holds the same weights, optimizer state, generators and position."""
         with self.signals.deferred():  # a second Ctrl-C/SIGTERM lets the file be written whole first
-            save_run(self.output / filename, self.model, self.optimizer, self.scaler, self.position, self.classes,
-                     self.settings, self.ema)
+            if self.world.is_writer:
+                save_run(self.output / filename, self.model, self.optimizer, self.scaler, self.position, self.classes,
+                         self.settings, self.ema)
         self.last_save = time.monotonic()
