@@ -52,14 +52,16 @@ heading("1. The block, as the library writes it")
 show_source(block_forward)
 # Read the two halves: Affine -> token mixing -> [bias, LayerScale, drop path, add]; then
 # Affine -> fc1 -> [bias, GELU] -> fc2 -> [bias, LayerScale, drop path, add]. The bracketed steps are
-# one layer each (layers.bias_gelu_forward, layers.residual_forward): on the CPU they are the plain
-# layers in a row, on the GPU one fused kernel pass (lesson 12). That is why the Linears are called
-# with bias None: the next layer adds the bias in its own pass. The MLP sees (N*B, d) rows, a free
-# reshape of the (N, B, d) tokens (lesson 3).
+# one layer each (layers.bias_gelu_forward, layers.residual_forward): in the reference (minimlp.layers)
+# they are the plain layers in a row; a fast path does each in one fused pass (minimlp/ops.py: Numba
+# loops on the CPU, CUDA kernels on the GPU, lesson 12). `op` is that choice, made once when the model
+# is built. That is why the Linears are called with bias None: the next layer adds the bias in its own
+# pass, and its backward returns the bias's gradient. The MLP sees (N*B, d) rows, a free reshape of the
+# (N, B, d) tokens (lesson 3).
 show_source(block_backward)
 # Read it bottom-up against the forward: the same layers in reverse. At each residual the
-# gradient forks: `dmiddle = dout + dnormed_middle` is "the gradient that skipped the branch plus
-# the one that went through it".
+# gradient forks and joins again: the Affine that opens the branch returns `alpha * dy + skip`, "the
+# gradient that went through the branch plus the one that skipped it" (affine_backward's skip).
 
 # ---------------------------------------------------------------------------------------------
 heading("2. Residual + small LayerScale: a block starts as almost the identity")
