@@ -170,7 +170,7 @@ def test_bad_flags(tmp_path, shapes):
     _fails_clearly(train("--eval-only", check=False), "--eval-only needs --resume")
     for flags, named in [(["--scale", "1", "0.5"], "--scale"), (["--crop-pct", "0"], "--crop-pct"),
                          (["--lr", "-1"], "--lr"), (["--weight-decay", "-0.1"], "--weight-decay"),
-                         (["--drop-path", "1"], "--drop-path"), (["--patch-size", "0"], "patch_size")]:
+                         (["--drop-path", "1"], "--drop-path"), (["--patch-size", "0"], "--patch-size")]:
         _fails_clearly(train("--data", shapes, *flags, check=False), named)
     if not gpu_available():
         _fails_clearly(train("--device", "gpu", check=False), "--device gpu")
