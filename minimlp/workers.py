@@ -76,8 +76,14 @@ class WorkerPool:
         self.next_worker = (index + 1) % len(self.processes)
         self.sent[index].append([task, 0])
         if len(self.sent[index]) <= QUEUED_PER_WORKER:
-            self.connections[index].send(task)
+            self.deliver(index, task)
         self.order.append(index)
+
+    def deliver(self, index, task):
+        try:
+            self.connections[index].send(task)
+        except OSError:  # the worker is dead (BrokenPipeError): receive() sees it, replace() sends again
+            pass
 
     def next_result(self):
         """function(task) of the oldest task not yet returned; its exception if it raised one."""
@@ -90,7 +96,7 @@ class WorkerPool:
                 self.replace(index)
         self.sent[index].popleft()
         if len(self.sent[index]) >= QUEUED_PER_WORKER:
-            self.connections[index].send(self.sent[index][QUEUED_PER_WORKER - 1][0])
+            self.deliver(index, self.sent[index][QUEUED_PER_WORKER - 1][0])
         if not succeeded:
             raise value
         return value
@@ -120,7 +126,7 @@ class WorkerPool:
         print(f"warning: {died}; a new one takes its {len(self.sent[index])} unfinished task(s)", file=sys.stderr)
         self.start(index)
         for task, _ in list(self.sent[index])[:QUEUED_PER_WORKER]:
-            self.connections[index].send(task)
+            self.deliver(index, task)
 
     def close(self):
         """Stop every worker now (tasks in flight are dropped)."""
