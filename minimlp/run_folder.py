@@ -14,9 +14,10 @@
 - Temporary files have unique names beside their target (.<name>.<pid>.<random>.tmp) and are removed on
   any error or interrupt; those a killed run left behind are removed when the folder is next claimed.
 - The log and the checkpoints: each epoch appends its line to log.jsonl first (flushed to disk), then
-  writes best.npz, then checkpoint.npz. A kill in between leaves the log ahead of checkpoint.npz, never
+  writes checkpoint.npz, then best.npz. A kill in between leaves the log ahead of checkpoint.npz, never
   behind it; a resume first drops the lines beyond the checkpoint's epoch (trim_log), then redoes that
-  epoch and writes its line again: no line is lost, none is written twice.
+  epoch and writes its line again: no line is lost, none is written twice. (A kill between
+  checkpoint.npz and best.npz: the resume writes best.npz first, minimlp.trainer.)
 """
 import contextlib
 import errno

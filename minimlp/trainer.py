@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from . import backend
-from .checkpoint import save_run
+from .checkpoint import read_meta, save_run
 from .device_feed import DeviceFeed
 from .distributed import SingleProcess
 from .distillation import distillation_loss
@@ -222,6 +222,7 @@ class Trainer:
         """Train from self.position to the last epoch; returns the last epoch's log record."""
         record = None
         with self.signals as stop:
+            self.save_missing_best()
             while self.position["epoch"] < self.settings["epochs"]:
                 try:
                     self.train_epoch(stop)
@@ -233,6 +234,15 @@ class Trainer:
                                       f"{len(self.train_loader)} (checkpoint saved); {self.resume_hint()}",
                                       EXIT_WORKER_DIED) from None
         return record
+
+    def save_missing_best(self):
+        """A run killed between checkpoint.npz and best.npz at the end of its best epoch resumes from that very
+        state: write the best.npz it did not get to."""
+        p, best = self.position, self.output / "best.npz"
+        if p.get("best_epoch") != p["epoch"] or p["batch"] != 0:
+            return
+        if not best.is_file() or read_meta(best)["position"]["epoch"] < p["epoch"]:
+            self.save("best.npz")
 
     def resume_hint(self):
         return f"continue with --resume {self.output / 'checkpoint.npz'}"
@@ -366,16 +376,17 @@ class Trainer:
               f"{record['images_per_s']:.0f} img/s  {record['seconds']:.1f} s" + extra, sys.stdout)
         improved = p["best_top1"] is None or record["val_top1"] > p["best_top1"]
         if improved:
-            p["best_top1"] = record["val_top1"]
+            p.update(best_top1=record["val_top1"], best_epoch=record["epoch"])
         p.update(epoch=p["epoch"] + 1, batch=0, loss_sum=0.0, images=0, seconds=0.0)
-        # The log line first, then best.npz, then checkpoint.npz: a kill in between leaves the log ahead of
-        # the checkpoint, and the resume trims it (minimlp.run_folder). A second signal waits for all three.
+        # The log line first, then checkpoint.npz, then best.npz: a kill in between leaves the log ahead of
+        # the checkpoint, which the resume trims (minimlp.run_folder), or best.npz behind it, which the resume
+        # writes (save_missing_best). A second signal waits for all three.
         with stop.deferred():
             if self.world.is_writer:  # rank 0 writes (data parallel)
                 append_log(self.output / "log.jsonl", record)
+            self.save("checkpoint.npz")
             if improved:
                 self.save("best.npz")
-            self.save("checkpoint.npz")
         try:
             if self.world.is_writer:
                 draw_run(self.output)  # curves.png, never more than an epoch old
