@@ -1,0 +1,346 @@
+"""Data parallel (minimlp.distributed, minimlp.allreduce): K ranks x batch b against one process x K*b.
+
+The MPI tests launch `mpiexec -n 2` themselves (the mpich wheel's, beside this Python), so `python -m
+pytest` stays the one test command. On the CPU the gradients travel by MPI's Iallreduce; the NCCL path
+runs where CuPy finds a GPU (one GPU: a communicator of size 1, the buckets and their streams) and is
+skipped elsewhere, saying so.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minimlp import backend, create_model
+from minimlp.allreduce import BucketedMean, bucket_ranges
+from minimlp.checkpoint import load_checkpoint
+from minimlp.distributed import OtherRankOutput, SingleProcess, launched_by_mpi
+from minimlp.loss_scaling import NoLossScaling
+from minimlp.optim import AdamW
+from minimlp.step import train_step
+from minimlp.synthetic import ensure_shapes_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--model", "resmlp_tiny", "--img-size", "16", "--warmup-epochs", "0", "--lr", "3e-3", "--scale", "0.5", "1",
+        "--workers", "0", "--save-every", "0", "--drop-path", "0.1", "--repeated-aug"]
+
+
+def mpiexec():
+    """The mpiexec of the MPI that mpi4py uses: the mpich wheel's, installed beside this Python."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.is_file() else shutil.which("mpiexec")
+
+
+needs_mpi = pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (pip install -r requirements.txt brings MPICH)")
+
+
+def launch(ranks, *args, check=True, timeout=300):
+    """mpiexec -n ranks python args...; ranks=1 runs the plain process, without MPI."""
+    command = [sys.executable, *map(str, args)]
+    if ranks > 1:
+        command = [mpiexec(), "-n", str(ranks), *command]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                            env=environment_without_mpi())
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def environment_without_mpi():
+    """This environment minus MPI's variables, so that a plain child is not taken for a rank."""
+    return {key: value for key, value in os.environ.items() if not launched_by_mpi({key: value})}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """80 train images (divisible by 2 ranks: the epochs of 1 and 2 ranks have the same batches), 30 val."""
+    return ensure_shapes_dataset(tmp_path_factory.mktemp("cache"), train_per_class=8, val_per_class=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Without MPI: launch detection, buckets, backward's reports, the one-process stand-in.
+# ---------------------------------------------------------------------------------------------
+def test_mpi_is_detected_from_the_launchers_variables():
+    assert not launched_by_mpi({"HOME": "/root"})
+    assert launched_by_mpi({"PMI_RANK": "1", "PMI_SIZE": "2"})  # MPICH, Intel MPI (Hydra)
+    assert launched_by_mpi({"OMPI_COMM_WORLD_SIZE": "4"})  # Open MPI
+    assert launched_by_mpi({"PMIX_RANK": "0"})  # PMIx launchers (srun)
+
+
+def test_buckets_cover_the_buffer_once_at_parameter_boundaries_from_its_end():
+    model = create_model("resmlp_tiny", img_size=16, dtype="float64")
+    parameters = model.parameters
+    starts = {where.start for where in parameters.slices.values()}
+    for bucket_bytes in (1, 64 * 1024, 10 ** 9):
+        ranges = bucket_ranges(parameters, bucket_bytes)
+        assert ranges[0][1] == parameters.size and ranges[-1][0] == 0
+        assert all(later[1] == earlier[0] for earlier, later in zip(ranges, ranges[1:]))  # contiguous, descending
+        assert all(start in starts for start, _ in ranges)
+        assert all((stop - start) * 8 >= bucket_bytes for start, stop in ranges[:-1])
+    assert len(bucket_ranges(parameters, 1)) == len(parameters.slices)  # one parameter each
+    assert len(bucket_ranges(parameters, 10 ** 9)) == 1
+
+
+def forward_for_backward(model, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(4, 3, 16, 16))
+    logits = model.forward(images, train=True)
+    return rng.normal(size=logits.shape) / 4
+
+
+def test_backward_reports_each_range_of_the_buffer_once_final():
+    model = create_model("resmlp_tiny", img_size=16, dtype="float64", drop_path=0.2, seed=1)
+    dlogits = forward_for_backward(model)
+    model.backward(dlogits)
+    final = model.parameters.grad.copy()
+
+    model.drop_path_rng = np.random.default_rng([1, 1])  # the masks of the first pass again
+    forward_for_backward(model)
+    model.parameters.grad[...] = np.nan  # what backward has not written yet
+    reports = []
+
+    def grads_ready(offset):
+        grad = model.parameters.grad
+        np.testing.assert_array_equal(grad[offset:], final[offset:])  # final from offset to the end
+        reports.append(offset)
+
+    model.backward(dlogits, grads_ready=grads_ready)
+    slices = model.parameters.slices
+    depth = model.config["depth"]
+    assert reports == ([slices["norm.alpha"].start] + [slices[f"blocks.{i}.gamma_1"].start
+                                                        for i in reversed(range(depth))] + [0])
+
+
+class RecordingTransport:
+    """A one-rank transport that notes, for each bucket, where backward stood when its all-reduce started."""
+
+    size = 1
+
+    def __init__(self):
+        self.started = []
+        self.backward_done = False
+
+    def start(self, bucket):
+        self.started.append((bucket.size, self.backward_done))
+
+    def progress(self):
+        pass
+
+    def finish(self):
+        pass
+
+
+def test_buckets_start_while_backward_runs_and_the_mean_of_one_rank_is_the_gradient():
+    model = create_model("resmlp_tiny", img_size=16, dtype="float64", seed=2)
+    dlogits = forward_for_backward(model)
+    model.backward(dlogits)
+    expected = model.parameters.grad.copy()
+
+    transport = RecordingTransport()
+    averaging = BucketedMean(model.parameters, transport, bucket_bytes=64 * 1024)
+    forward_for_backward(model)
+    original_backward = model.backward
+
+    def backward_then_mark(*args, **kwargs):
+        result = original_backward(*args, **kwargs)
+        transport.backward_done = True
+        return result
+
+    model.backward = backward_then_mark
+    # report(0) comes inside backward: every bucket started before backward returned, the last one at its end
+    averaging.backward(model, dlogits)
+    assert len(transport.started) == len(averaging.buckets) > 3
+    assert sum(size for size, _ in transport.started) == model.parameters.size
+    assert not any(done for _, done in transport.started)
+    np.testing.assert_array_equal(model.parameters.grad, expected)
+
+
+def test_one_process_step_is_the_plain_step():
+    runs = []
+    for sync in (None, SingleProcess()):
+        model = create_model("resmlp_tiny", img_size=16, dtype="float64", seed=4)
+        optimizer = AdamW(model, lr=1e-3)
+        images = np.random.default_rng(0).normal(size=(4, 3, 16, 16))
+        extra = {} if sync is None else dict(sync=sync)
+        train_step(model, optimizer, images, np.array([0, 1, 2, 3]), 1e-3, NoLossScaling(), **extra)
+        runs.append(model.parameters.data.copy())
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_other_ranks_print_only_warnings_and_keep_their_last_line(capsys):
+    import io
+    real = io.StringIO()
+    output = OtherRankOutput(real, "rank 1/2")
+    output.write("epoch 1/3  10/20 batch\rloss 2.1\n")
+    output.write("warning: skipping unreadable image x.jpg (truncated)\nerror: the GPU ran out of memory")
+    output.write("\n")
+    assert real.getvalue() == "rank 1/2: warning: skipping unreadable image x.jpg (truncated)\n"
+    assert output.last_line == "error: the GPU ran out of memory"
+
+
+# ---------------------------------------------------------------------------------------------
+# Under mpiexec -n 2, on the CPU.
+# ---------------------------------------------------------------------------------------------
+def max_difference(a, b):
+    return max(float(np.abs(a[name] - b[name]).max()) for name in a)
+
+
+@needs_mpi
+@pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-12), ("float32", 2e-6)])
+def test_two_ranks_end_where_one_process_with_the_global_batch_ends(shapes, tmp_path, dtype, tolerance):
+    """8 steps through the library with repeated augmentation, drop path, smoothing and clipping; evaluation
+    sharded. Two ranks x 8 images against one process x 16."""
+    script = ROOT / "tests" / "data_parallel_run.py"
+    launch(1, script, tmp_path / "one", "--data", shapes, "--batch-size", 16, "--steps", 8, "--dtype", dtype)
+    launch(2, script, tmp_path / "two", "--data", shapes, "--batch-size", 8, "--steps", 8, "--dtype", dtype)
+    one, two = (np.load(tmp_path / name / "weights.npz") for name in ("one", "two"))
+    assert max_difference(one, two) < tolerance
+    result_one, result_two = (json.loads((tmp_path / name / "result.json").read_text()) for name in ("one", "two"))
+    assert result_two["val_images"] == result_one["val_images"] == 30  # every validation image exactly once
+    assert result_two["batches_per_epoch"] == result_one["batches_per_epoch"] == 5  # 80 images x 3 / 3 / 16
+    for key in ("val_loss", "val_top1", "val_top5"):
+        assert result_two[key] == pytest.approx(result_one[key], rel=1e-9 if dtype == "float64" else 1e-5)
+
+
+def train(ranks, *args, check=True):
+    return launch(ranks, ROOT / "train.py", *args, check=check)
+
+
+EPOCHS = 6  # 5 steps each
+
+
+@pytest.fixture(scope="module")
+def one_process_run(shapes, tmp_path_factory):
+    """train.py in one process x 16 images, float32, drop path and repeated augmentation on."""
+    output = tmp_path_factory.mktemp("one")
+    train(1, "--data", shapes, "--epochs", EPOCHS, *FAST, "--batch-size", 16, "--output", output)
+    return output
+
+
+def read_log(output):
+    return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+
+
+@needs_mpi
+def test_train_py_on_two_ranks_equals_one_process(shapes, one_process_run, tmp_path):
+    two = train(2, "--data", shapes, "--epochs", EPOCHS, *FAST, "--batch-size", 8, "--output", tmp_path)
+    assert "data parallel: 2 ranks" in two.stdout and "global batch 2 x 8 = 16" in two.stdout
+    assert two.stdout.count(f"epoch {EPOCHS}/{EPOCHS}  train loss") == 1  # rank 0 alone prints
+    one_weights, one_optimizer, one_meta = load_checkpoint(one_process_run / "checkpoint.npz")
+    two_weights, two_optimizer, two_meta = load_checkpoint(tmp_path / "checkpoint.npz")
+    assert two_meta["settings"]["world_size"] == 2 and one_meta["settings"]["world_size"] == 1
+    assert two_meta["position"]["global_step"] == one_meta["position"]["global_step"] == 5 * EPOCHS
+    assert max_difference(one_weights, two_weights) < 2e-5
+    assert float(np.abs(one_optimizer["m"] - two_optimizer["m"]).max()) < 1e-6
+    for a, b in zip(read_log(one_process_run), read_log(tmp_path), strict=True):
+        for key in ("train_loss", "val_loss", "val_top1", "lr"):
+            assert b[key] == pytest.approx(a[key], abs=1e-4), key
+
+
+@needs_mpi
+def test_ranks_started_with_other_flags_refuse_to_start(shapes, tmp_path):
+    # rank 0 with --lr 3e-3, rank 1 with --lr 1e-3: MPMD syntax, one command per rank
+    common = [sys.executable, str(ROOT / "train.py"), "--data", str(shapes), "--epochs", "1", *FAST,
+              "--batch-size", "8", "--output", str(tmp_path / "run")]
+    command = [mpiexec(), "-n", "1", *common, ":", "-n", "1", *common, "--lr", "1e-3"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env=environment_without_mpi())
+    assert result.returncode != 0
+    assert "rank 1 was started with other settings than rank 0: --lr 0.001 (rank 0: 0.003)" in result.stderr
+    assert not (tmp_path / "run" / "checkpoint.npz").exists()
+
+
+def start_two_ranks(shapes, output, epochs=30):
+    """train.py on 2 ranks x 8, its output read line by line."""
+    command = [mpiexec(), "-n", "2", sys.executable, str(ROOT / "train.py"), "--data", str(shapes), "--epochs",
+               str(epochs), *FAST, "--batch-size", "8", "--output", str(output)]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**environment_without_mpi(), "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for_line(process, start):
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith(start):
+            return lines
+    raise AssertionError("".join(lines))
+
+
+@needs_mpi
+def test_sigterm_stops_every_rank_at_one_step_and_one_process_resumes_the_two_rank_checkpoint(shapes, one_process_run,
+                                                                                               tmp_path):
+    """SIGTERM to mpiexec (which passes it on to both ranks) inside the run: one checkpoint by rank 0, every
+    rank stopped after the same step; one process x 16 continues it to the end of the one-process run."""
+    process = start_two_ranks(shapes, tmp_path, epochs=EPOCHS)
+    wait_for_line(process, f"epoch 1/{EPOCHS}  train loss")
+    process.send_signal(signal.SIGTERM)
+    output = process.stdout.read()
+    assert process.wait(timeout=60) == 143, output
+    assert output.count("SIGTERM: stopped") == 1, output  # rank 0's line only
+    _, _, meta = load_checkpoint(tmp_path / "checkpoint.npz")
+    assert meta["settings"]["world_size"] == 2 and 5 <= meta["position"]["global_step"] < 5 * EPOCHS
+
+    train(1, "--resume", tmp_path / "checkpoint.npz", "--batch-size", 16)  # another K, the same global batch
+    resumed_weights, _, resumed_meta = load_checkpoint(tmp_path / "checkpoint.npz")
+    one_weights, _, _ = load_checkpoint(one_process_run / "checkpoint.npz")
+    assert resumed_meta["settings"]["world_size"] == 1 and resumed_meta["position"]["epoch"] == EPOCHS
+    assert max_difference(one_weights, resumed_weights) < 2e-5
+
+
+@needs_mpi
+def test_a_killed_rank_stops_the_whole_job_within_seconds(shapes, tmp_path):
+    process = start_two_ranks(shapes, tmp_path / "run")
+    lines = wait_for_line(process, "data parallel: 2 ranks")
+    rank_1 = int(re.search(r"rank 1: \S+ pid (\d+)", lines[-1]).group(1))
+    wait_for_line(process, "epoch 1/30  train loss")
+    killed = time.monotonic()
+    os.kill(rank_1, signal.SIGKILL)
+    output = process.stdout.read()
+    code = process.wait(timeout=60)
+    assert time.monotonic() - killed < 15, output
+    assert code != 0
+    assert f"PID {rank_1}" in output  # MPICH's Hydra names the rank that died (pid -> rank: the start-up line)
+
+
+# ---------------------------------------------------------------------------------------------
+# The NCCL path: where CuPy finds a GPU.
+# ---------------------------------------------------------------------------------------------
+def test_nccl_buckets_on_one_gpu_average_to_the_gradient():
+    """A communicator of size 1 on one GPU: the buckets' all-reduces on their own stream, each after an event
+    on the compute stream, the compute stream waiting for the last; the gradient comes out unchanged (the
+    mean over one rank), and a training step equals the one-process step."""
+    if not backend.gpu_available():
+        pytest.skip("the NCCL path needs a CUDA GPU with CuPy (not run here)")
+    from cupy.cuda import nccl
+    if not nccl.available:
+        pytest.skip("CuPy finds no NCCL library: pip install nvidia-nccl-cu12")
+    from minimlp.allreduce import NCCLAllreduce
+
+    import cupy
+    transport = NCCLAllreduce(1, 0, nccl.get_unique_id(), timeout=60, on_timeout=pytest.fail)
+    results = []
+    for sync in (SingleProcess(), "nccl"):
+        model = create_model("resmlp_tiny", img_size=16, device="gpu", seed=5)
+        optimizer = AdamW(model, lr=1e-3)
+        images = np.random.default_rng(0).normal(size=(8, 3, 16, 16)).astype(np.float32)
+        if sync == "nccl":
+            averaging = BucketedMean(model.parameters, transport, bucket_bytes=64 * 1024)
+            assert len(averaging.buckets) > 3
+
+            class OneGPU(SingleProcess):
+                def backward(self, model, dlogits):
+                    averaging.backward(model, dlogits)
+            sync = OneGPU()
+        for _ in range(3):
+            train_step(model, optimizer, images, np.arange(8) % 10, 1e-3, NoLossScaling(), sync=sync)
+        cupy.cuda.get_current_stream().synchronize()
+        results.append(backend.to_numpy(model.parameters.data))
+    np.testing.assert_allclose(results[1], results[0], rtol=0, atol=1e-6)
