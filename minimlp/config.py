@@ -215,7 +215,8 @@ def check_settings(args):
     for key, value in vars(args).items():  # nan passes every comparison below, inf most of them
         if any(isinstance(number, float) and not math.isfinite(number)
                for number in (value if isinstance(value, (tuple, list)) else [value])):
-            raise ValueError(f"{flag_name(key)} must be a finite number, got {format_value(value)}")
+            shown = " ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+            raise ValueError(f"{flag_name(key)} must be a finite number, got {shown}")
     for flag, value in given("batch_size", "epochs", "img_size", "recount"):
         if value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
