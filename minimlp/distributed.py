@@ -32,6 +32,7 @@ import collections
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
 import traceback
@@ -49,6 +50,20 @@ COLLECTIVE_TIMEOUT = float(os.environ.get("MINIMLP_COLLECTIVE_TIMEOUT", 300))
 def launched_by_mpi(environ=None):
     environ = os.environ if environ is None else environ
     return any(name in environ for name in MPI_ENVIRONMENT)
+
+
+def environment_without_mpi(environ=None):
+    """A copy of the environment without the launcher's variables: a child started from a rank with it is a
+    plain process, not taken for a rank."""
+    environ = os.environ if environ is None else environ
+    return {key: value for key, value in environ.items() if key not in MPI_ENVIRONMENT}
+
+
+def mpiexec():
+    """The mpiexec of the MPI that mpi4py uses: the mpich wheel's, beside this Python (pip puts it there,
+    whether or not that folder is on PATH), else the first on PATH; None when there is none."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.is_file() else shutil.which("mpiexec")
 
 
 def connect(environ=None):

@@ -8,7 +8,6 @@ skipped elsewhere, saying so.
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import pytest
 from minimlp import backend, create_model
 from minimlp.allreduce import BucketedMean, bucket_ranges
 from minimlp.checkpoint import load_checkpoint
-from minimlp.distributed import OtherRankOutput, SingleProcess, launched_by_mpi
+from minimlp.distributed import OtherRankOutput, SingleProcess, environment_without_mpi, launched_by_mpi, mpiexec
 from minimlp.loss_scaling import NoLossScaling
 from minimlp.optim import AdamW
 from minimlp.step import train_step
@@ -30,12 +29,6 @@ from minimlp.synthetic import ensure_shapes_dataset
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--model", "resmlp_tiny", "--img-size", "16", "--warmup-epochs", "0", "--lr", "3e-3", "--scale", "0.5", "1",
         "--workers", "0", "--save-every", "0", "--drop-path", "0.1", "--repeated-aug"]
-
-
-def mpiexec():
-    """The mpiexec of the MPI that mpi4py uses: the mpich wheel's, installed beside this Python."""
-    beside = Path(sys.executable).parent / "mpiexec"
-    return str(beside) if beside.is_file() else shutil.which("mpiexec")
 
 
 needs_mpi = pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (pip install -r requirements.txt brings MPICH)")
@@ -51,11 +44,6 @@ def launch(ranks, *args, check=True, timeout=300):
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
-
-
-def environment_without_mpi():
-    """This environment minus MPI's variables, so that a plain child is not taken for a rank."""
-    return {key: value for key, value in os.environ.items() if not launched_by_mpi({key: value})}
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +225,7 @@ def test_train_py_on_two_ranks_equals_one_process(shapes, one_process_run, tmp_p
     two_weights, two_optimizer, two_meta = load_checkpoint(tmp_path / "checkpoint.npz")
     assert two_meta["settings"]["world_size"] == 2 and one_meta["settings"]["world_size"] == 1
     assert two_meta["position"]["global_step"] == one_meta["position"]["global_step"] == 5 * EPOCHS
-    assert max_difference(one_weights, two_weights) < 2e-5
+    assert max_difference(one_weights, two_weights) < 1e-5  # measured 1.8e-6
     assert float(np.abs(one_optimizer["m"] - two_optimizer["m"]).max()) < 1e-6
     for a, b in zip(read_log(one_process_run), read_log(tmp_path), strict=True):
         for key in ("train_loss", "val_loss", "val_top1", "lr"):
@@ -292,7 +280,7 @@ def test_sigterm_stops_every_rank_at_one_step_and_one_process_resumes_the_two_ra
     resumed_weights, _, resumed_meta = load_checkpoint(tmp_path / "checkpoint.npz")
     one_weights, _, _ = load_checkpoint(one_process_run / "checkpoint.npz")
     assert resumed_meta["settings"]["world_size"] == 1 and resumed_meta["position"]["epoch"] == EPOCHS
-    assert max_difference(one_weights, resumed_weights) < 2e-5
+    assert max_difference(one_weights, resumed_weights) < 1e-5
 
 
 @needs_mpi
