@@ -176,6 +176,26 @@ def test_other_ranks_print_only_warnings_and_keep_their_last_line(capsys):
 # ---------------------------------------------------------------------------------------------
 # Under mpiexec -n 2, on the CPU.
 # ---------------------------------------------------------------------------------------------
+AGREEMENT = """
+import sys
+from minimlp.distributed import MPIWorld
+world = MPIWorld()
+finite = world.all_true(world.rank == 0)  # rank 1 saw inf/NaN: every rank skips the step
+stop = world.max(15 if world.rank == 1 else 0)  # rank 1 received SIGTERM: every rank stops
+sums = world.sum([world.rank + 1, 10]).tolist()
+checkpoint = world.from_writer(lambda: dict(read_by=world.rank))
+print(world.rank, finite, stop, sums, checkpoint, flush=True)
+sys.stdout.flush()
+"""
+
+
+@needs_mpi
+def test_ranks_agree_on_skipping_stopping_sums_and_what_rank_0_read():
+    result = launch(2, "-c", AGREEMENT, timeout=60)
+    assert sorted(result.stdout.splitlines()) == ["0 False 15 [3.0, 20.0] {'read_by': 0}",
+                                                  "1 False 15 [3.0, 20.0] {'read_by': 0}"]
+
+
 def max_difference(a, b):
     return max(float(np.abs(a[name] - b[name]).max()) for name in a)
 
@@ -296,6 +316,20 @@ def test_a_killed_rank_stops_the_whole_job_within_seconds(shapes, tmp_path):
     assert time.monotonic() - killed < 15, output
     assert code != 0
     assert f"PID {rank_1}" in output  # MPICH's Hydra names the rank that died (pid -> rank: the start-up line)
+
+
+def gpu_count():
+    return backend.get_module("gpu").cuda.runtime.getDeviceCount() if backend.gpu_available() else 0
+
+
+@needs_mpi
+@pytest.mark.skipif(gpu_count() < 2, reason="two ranks on two GPUs over NCCL need two GPUs (not run here)")
+def test_two_gpus_over_nccl_end_where_one_gpu_with_the_global_batch_ends(shapes, tmp_path):
+    script = ROOT / "tests" / "data_parallel_run.py"
+    launch(1, script, tmp_path / "one", "--data", shapes, "--batch-size", 16, "--dtype", "float64", "--device", "gpu")
+    launch(2, script, tmp_path / "two", "--data", shapes, "--batch-size", 8, "--dtype", "float64", "--device", "gpu")
+    one, two = (np.load(tmp_path / name / "weights.npz") for name in ("one", "two"))
+    assert max_difference(one, two) < 1e-12
 
 
 # ---------------------------------------------------------------------------------------------
