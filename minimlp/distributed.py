@@ -203,6 +203,8 @@ class MPIWorld:
             raise backend.DeviceError(f"{self.name} is rank {self.local_rank} on {socket.gethostname()}, which has "
                                       f"{count} GPUs: start at most {count} ranks per machine")
         cupy.cuda.Device(self.local_rank).use()
+        if self.size > 1:
+            backend.check_gpu_libraries(nccl=True)  # NCCL loads, or one line naming the pip command
 
     def quiet_other_ranks(self):
         """Ranks other than 0 print nothing (their output would repeat rank 0's) but warnings, prefixed with
