@@ -6,7 +6,8 @@ and PyTorch eager, side by side on the same machine. Prints seconds per step, im
     python benchmarks/train_step.py --rows s12 --rounds 5
 
 minimlp runs its one training step (minimlp.step.train_step) with the fast path the model chooses
-(minimlp/cpu_kernels.py; `--no-fast` times the reference layers); PyTorch runs timm's model with the
+(minimlp/cpu_kernels.py; `--no-fast` times the reference layers, `--no-keep-freed-memory` the fast path
+with glibc's default allocator settings); PyTorch runs timm's model with the
 same weights (`resmlp_12_224` for S12, an MlpMixer/ResBlock/Affine twin for resmlp_tiny), the same
 label smoothing and torch.optim.AdamW with the same two parameter groups.
 
@@ -68,12 +69,14 @@ def median_step_seconds(step, warmup, steps):
     return statistics.median(times)
 
 
-def time_minimlp(row, warmup, steps, fast):
-    from minimlp import create_model
+def time_minimlp(row, warmup, steps, fast, keep_freed_memory):
+    from minimlp import cpu_kernels, create_model
     from minimlp.loss_scaling import NoLossScaling
     from minimlp.optim import AdamW
     from minimlp.step import train_step
     images, labels = batch_of(row)
+    if not keep_freed_memory:  # to measure what the allocator setting buys: glibc's defaults stay
+        cpu_kernels.keep_freed_memory = lambda: False
     model = create_model(ROWS[row][0], seed=0, fast=fast)
     optimizer, scaler = AdamW(model, lr=1e-4, weight_decay=0.05), NoLossScaling()
 
@@ -113,7 +116,8 @@ def time_pytorch(row, warmup, steps):
 def run_side(side, row, args):
     """One side of one round in a fresh process; returns its JSON report."""
     command = [sys.executable, __file__, "--side", side, "--rows", row, "--warmup", str(args.warmup),
-               "--steps", str(args.steps)] + ([] if args.fast else ["--no-fast"])
+               "--steps", str(args.steps)] + ([] if args.fast else ["--no-fast"]) + \
+        ([] if args.keep_freed_memory else ["--no-keep-freed-memory"])
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"{side} {row} failed:\n{result.stderr[-2000:]}")
@@ -128,11 +132,13 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                         help="minimlp's fast path (default) or, with --no-fast, the reference layers")
+    parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="the fast path's allocator setting (default; minimlp/cpu_kernels.py), or glibc's defaults")
     parser.add_argument("--side", choices=["minimlp", "pytorch"], help=argparse.SUPPRESS)  # one side, in a child
     args = parser.parse_args()
     if args.side:
         row = args.rows[0]
-        report = (time_minimlp(row, args.warmup, args.steps, args.fast) if args.side == "minimlp"
+        report = (time_minimlp(row, args.warmup, args.steps, args.fast, args.keep_freed_memory) if args.side == "minimlp"
                   else time_pytorch(row, args.warmup, args.steps))
         print(json.dumps(report))
         return

@@ -18,8 +18,8 @@ malloc serves blocks above M_MMAP_THRESHOLD (128 KiB to 32 MiB, adaptive) with m
 to the system on free, so every step the kernel maps fresh zeroed pages and the step faults them in
 again: on ResMLP-S12 that was 9 s of system time over 15 steps. `keep_freed_memory()` raises the
 mmap threshold and the trim threshold so that freed blocks stay in the heap for the next step
-(measured in benchmarks/train_step.py: README, "Speed"). It runs once, when minimlp.ops first chooses
-this fast path (this module's import); it changes nothing but where freed memory waits.
+(measured in benchmarks/train_step.py: README, "Speed"). minimlp.ops calls it (through `prepare`) when
+it chooses this fast path; it changes nothing but where freed memory waits.
 
 Threads. The loops run on Numba's OpenMP threads, the matrix products on OpenBLAS's, one after the
 other. By default an OpenMP thread that has finished spins for a while waiting for more work, on a
@@ -73,7 +73,10 @@ def keep_freed_memory():
         return False
 
 
-ALLOCATOR_KEEPS_FREED_MEMORY = keep_freed_memory()  # once, when minimlp.ops first chooses this fast path
+def prepare():
+    """Called by minimlp.ops each time it chooses this fast path: the allocator setting (once is enough;
+    calling mallopt again changes nothing)."""
+    keep_freed_memory()
 
 
 # --------------------------------------------------------------------------------------------- Affine

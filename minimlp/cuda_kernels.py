@@ -21,6 +21,10 @@ OPERATIONS = ("affine_forward", "bias_gelu_forward", "bias_gelu_backward", "resi
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def prepare():
+    """Called by minimlp.ops when it chooses this fast path: nothing to set up (kernels compile on first use)."""
+
+
 def _elementwise(name, in_params, out_params, operation):
     """A cupy.ElementwiseKernel, built on first use. T is the arrays' dtype; write constants as T(c)
     so that float32 stays float32 (a bare 0.5 is a double and would promote the arithmetic)."""

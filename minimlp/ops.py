@@ -50,5 +50,6 @@ def select(device, dtype, fast=True):
     module = fast_module(device, dtype) if fast else None
     if module is None:
         return REFERENCE_OPERATIONS
+    module.prepare()  # what the fast path needs set up once in the process (the CPU's: the allocator)
     fast_operations = {name: getattr(module, name) for name in module.OPERATIONS}
     return SimpleNamespace(**{**REFERENCE, **fast_operations, "name": module.__name__.rsplit(".", 1)[1]})
