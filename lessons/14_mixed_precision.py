@@ -13,7 +13,7 @@ On the CPU, minimlp emulates the float16 matmul exactly as train.py does there (
 float16, multiplied in float32): this lesson runs that emulation through the library's own training
 step. Pictures: lessons/out/14_rounding.png, 14_gradients.png, 14_loss_scale.png.
 
-Run: python lessons/14_mixed_precision.py        (about 10 s on 2 cores)
+Run: python lessons/14_mixed_precision.py        (10-25 s on 2 busy cores)
 """
 # _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
 from _lesson import check, heading, save_figure, show_source

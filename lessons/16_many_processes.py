@@ -13,7 +13,7 @@ same weights. That is all of data parallelism; the rest is making the averaging 
 
 Picture: lessons/out/16_overlap.png (when the buckets travel during backward).
 
-Run: python lessons/16_many_processes.py        (about 10 s on 2 cores)
+Run: python lessons/16_many_processes.py        (about 5 s on 2 cores, mpiexec included)
 """
 # _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
 from _lesson import check, heading, output_dir, save_figure, show_source
