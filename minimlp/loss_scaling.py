@@ -10,6 +10,7 @@ defaults are torch.cuda.amp.GradScaler's.
 Both classes have the same methods, so the training step (minimlp.step) has no float32 branch:
 `half_precision` says whether the matrix products run in half precision (minimlp.precision.autocast).
 """
+import numpy as np
 
 
 class LossScaler:
@@ -38,7 +39,8 @@ class LossScaler:
         gradients would have to exceed 3e38 to overflow.) Reading the answer waits for the GPU."""
         grad = parameters.grad
         grad *= 1.0 / self.scale
-        return bool(parameters.xp.isfinite(grad.sum()))
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in NumPy's sum is the expected signal
+            return bool(parameters.xp.isfinite(grad.sum()))
 
     def update(self, finite):
         """After each step: halve S after a skipped step; double it after growth_interval clean ones."""
