@@ -230,7 +230,8 @@ def run(args, world):
             model.parameters.data[...] = ema.data
         with val_loader:
             metrics = evaluate(model, val_loader, amp=args.amp, world=world)
-        print(f"{args.resume}{' (EMA)' if evaluate_ema else ''}: top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  "
+        print(f"{args.resume}{' (EMA)' if evaluate_ema else ''}: top-1 {metrics['val_top1']:.2f}%  "
+              f"top-5 {metrics['val_top5']:.2f}%  "
               f"val loss {metrics['val_loss']:.4f}  ({len(val_set)} images)")
         return 0
     auto_augment = (None if args.aa == "none" else

@@ -43,7 +43,7 @@ def write_jpegs(folder, count, rng):
 
 def images_per_second(dataset, workers, batch_size, img_size, interpolation="bilinear", auto_augment=None):
     with Loader(dataset, batch_size=batch_size, train=True, img_size=img_size, seed=0, workers=workers,
-                interpolation=interpolation, auto_augment=auto_augment) as loader:  # train.py's --aa, --train-interpolation
+                interpolation=interpolation, auto_augment=auto_augment) as loader:  # --train-interpolation, --aa
         for _ in loader.epoch(0):  # warm-up: starts the worker processes, fills the file cache
             pass
         started = time.perf_counter()

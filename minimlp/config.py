@@ -254,7 +254,8 @@ def check_settings(args):
             raise ValueError(f"--cutmix-minmax MIN MAX needs 0 < MIN < MAX <= 1 (fractions of the image side), "
                              f"got {low} {high}")
     for flag, value, choices in [("--train-interpolation", args.train_interpolation, TRAIN_INTERPOLATIONS),
-                                 ("--remode", args.remode, ERASING_MODES), ("--mixup-mode", args.mixup_mode, MIXUP_MODES),
+                                 ("--remode", args.remode, ERASING_MODES),
+                                 ("--mixup-mode", args.mixup_mode, MIXUP_MODES),
                                  ("--distillation-type", args.distillation_type, DISTILLATION_TYPES)]:
         if value not in choices:
             raise ValueError(f"{flag} {value!r}: choose one of {', '.join(choices)}")

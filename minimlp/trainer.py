@@ -337,7 +337,7 @@ class Trainer:
         loss, finite = train_step(self.model, self.optimizer, x, y, self.learning_rate(self.position["global_step"]),
                                   self.scaler, smoothing=smoothing, clip_grad=s["clip_grad"], criterion=criterion,
                                   sync=self.world)
-        if self.ema is not None:  # after every step, as timm's ModelEma (a skipped step leaves the weights as they were)
+        if self.ema is not None:  # after every step, as timm's ModelEma (a skipped step left the weights as they were)
             self.ema.update(self.model.parameters.data)
         if not finite:
             write(f"step {self.position['global_step'] + 1}: inf/NaN gradients at loss scale {scale:g}, "
