@@ -162,7 +162,7 @@ def test_one_process_step_is_the_plain_step():
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
-def test_other_ranks_print_only_warnings_and_keep_their_last_line(capsys):
+def test_other_ranks_print_only_warnings_and_keep_their_last_line():
     import io
     real = io.StringIO()
     output = OtherRankOutput(real, "rank 1/2")
