@@ -30,6 +30,8 @@ import os
 import signal
 import sys
 
+from .progress import write
+
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # Tasks sent down a worker's pipe ahead of its results; the rest wait here. A pipe holds a few small tasks,
 # so the parent never blocks sending while the worker blocks sending a large result back.
@@ -123,7 +125,7 @@ class WorkerPool:
             self.processes[index] = None  # nothing left to stop
             raise WorkerDied(f"{died}; {self.attempts} workers in a row died on this task, so it is not "
                              "tried again")
-        print(f"warning: {died}; a new one takes its {len(self.sent[index])} unfinished task(s)", file=sys.stderr)
+        write(f"warning: {died}; a new one takes its {len(self.sent[index])} unfinished task(s)")  # never on a bar
         self.start(index)
         for task, _ in list(self.sent[index])[:QUEUED_PER_WORKER]:
             self.deliver(index, task)
