@@ -204,7 +204,8 @@ def run(args, world):
         print(f"no --data given: the demo, {args.model} on the built-in shapes10 dataset in {data}")
     train_set, val_set = load_datasets(data)
     for line in dataset_defaults(args, len(train_set)):
-        print(line)
+        if not args.eval_only:  # (training settings: nothing an evaluation uses)
+            print(line)
     world.check_same(settings_of(args))  # every rank the same flags and code, or none starts
     description = world.describe(device)
     if description:
