@@ -5,10 +5,14 @@ Everything is in place: a model whose forward and backward we trust (lessons 1-9
 
     for each step:
         pick a batch of images and labels
+        train_step(model, optimizer, images, labels, lr=lr_at(step, ...), scaler=NoLossScaling())
+
+and train_step (minimlp.step, the one step that train.py, the benchmarks and the tests run too) is
+
         logits = model.forward(images, train=True)
         loss, dlogits = cross_entropy(logits, labels, smoothing)
         model.backward(dlogits)                 # fills model.grads (overwrites)
-        optimizer.lr = lr_at(step, ...)         # warmup, then cosine
+        optimizer.lr = lr                       # warmup, then cosine
         optimizer.step()                        # updates model.params in place
 
 The data: minimlp.synthetic's "shapes10", ten classes of small drawn images (circle, ring,
@@ -29,9 +33,11 @@ import time
 
 import numpy as np
 
-from minimlp import create_model, losses
+from minimlp import create_model
+from minimlp.loss_scaling import NoLossScaling
 from minimlp.optim import AdamW
 from minimlp.schedule import lr_at
+from minimlp.step import train_step
 from minimlp.synthetic import SHAPES_CLASSES, draw_image
 from minimlp.transforms import normalize
 
@@ -91,6 +97,10 @@ def accuracy(images, labels):
 
 # ---------------------------------------------------------------------------------------------
 heading("3. The loop")
+show_source(train_step)
+# Read it with the docstring above: forward, loss, backward, then the optimizer at this step's learning
+# rate. The scaler is for mixed precision (lesson 14); in float32 NoLossScaling does nothing, and every
+# step is taken. The loss comes back as a 0-d array: float() reads it.
 rng = np.random.default_rng(0)
 steps_per_epoch = len(train_x) // BATCH
 losses_seen, val_curve = [], []
@@ -99,11 +109,9 @@ for step in range(STEPS):
     if step % steps_per_epoch == 0:  # a new epoch: a new random order of the training set
         order = rng.permutation(len(train_x))
     batch = order[(step % steps_per_epoch) * BATCH:(step % steps_per_epoch + 1) * BATCH]
-    logits = model.forward(train_x[batch], train=True)
-    loss, dlogits = losses.cross_entropy(logits, train_labels[batch], smoothing=SMOOTHING)
-    model.backward(dlogits)
-    optimizer.lr = lr_at(step, base_lr=BASE_LR, total_steps=STEPS, warmup_steps=STEPS // 10)
-    optimizer.step()
+    lr = lr_at(step, base_lr=BASE_LR, total_steps=STEPS, warmup_steps=STEPS // 10)
+    loss, _ = train_step(model, optimizer, train_x[batch], train_labels[batch], lr, NoLossScaling(),
+                         smoothing=SMOOTHING)
     losses_seen.append(float(loss))
     if (step + 1) % 100 == 0:
         val_accuracy, _ = accuracy(val_x, val_labels)
