@@ -79,17 +79,18 @@ def load_checkpoint(path, extra=False):
 
 
 # What train.py reads in meta, and needs to find there.
-META_KEYS = ("position", "classes", "model", "settings", "drop_path_rng")
+META_KEYS = ("classes", "model", "settings")  # what any reader (--eval-only, predict.py) takes from it
+RESUME_KEYS = ("position", "drop_path_rng")  # and what --resume needs on top
 
 
-def parse_meta(path, text):
-    """The JSON of a checkpoint's 'meta' entry, checked to hold what a resume reads."""
+def parse_meta(path, text, keys=META_KEYS):
+    """The JSON of a checkpoint's 'meta' entry, checked to hold `keys`."""
     try:
         meta = json.loads(str(text))
     except ValueError as error:
         raise WeightsError(f"{path}: its 'meta' entry is not JSON ({error}): the file is damaged, or was not "
                            "written by train.py") from None
-    missing = [key for key in META_KEYS if key not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    missing = [key for key in keys if key not in meta] if isinstance(meta, dict) else list(keys)
     if missing:
         raise WeightsError(f"{path}: its 'meta' entry lacks {', '.join(missing)}: not a checkpoint written by "
                            "train.py (weights alone can be evaluated with --eval-only)")
@@ -97,13 +98,13 @@ def parse_meta(path, text):
 
 
 def read_meta(path):
-    """The meta of a checkpoint, without reading its arrays."""
+    """The meta of a training checkpoint, without reading its arrays."""
     try:
         with np.load(path, allow_pickle=False) as archive:
             text = archive["meta"]
     except Exception as error:
         raise WeightsError(f"{path}: not a readable .npz checkpoint ({error})") from None
-    return parse_meta(path, text)
+    return parse_meta(path, text, META_KEYS + RESUME_KEYS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +149,12 @@ def read_resume(path, eval_only=False):
             return weights, None, None, {}
         _, _, meta, groups = load_checkpoint(path, extra=True)
         return weights, None, meta, groups
-    return load_checkpoint(path, extra=True)
+    weights, optimizer_state, meta, groups = load_checkpoint(path, extra=True)
+    missing = [key for key in RESUME_KEYS if key not in meta]
+    if missing:
+        raise WeightsError(f"{path}: its 'meta' entry lacks {', '.join(missing)}: it cannot be resumed (it can be "
+                           "evaluated with --eval-only)")
+    return weights, optimizer_state, meta, groups
 
 
 def check_compatible(path, meta, settings, classes, eval_only=False):

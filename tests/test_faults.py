@@ -514,11 +514,15 @@ def flat_val_dataset(root):
 
 
 def test_broken_checkpoints_are_named(shapes, tmp_path, capsys):
-    for meta, fragment in [("{}", "lacks position"), ("not json", "is not JSON"), ("[1, 2]", "lacks position")]:
+    for meta, fragment in [("{}", "lacks classes"), ("not json", "is not JSON"), ("[1, 2]", "lacks classes")]:
         path = tmp_path / f"meta_{len(meta)}.npz"
         np.savez(path, **{"model/stem.proj.weight": np.zeros(3, np.float32)}, meta=np.array(meta))
         fails_naming(capsys, tmp_path / "out", ["--resume", path], path, fragment)
         fails_naming(capsys, tmp_path / "out", ["--eval-only", "--resume", path, "--data", shapes], path, fragment)
+    unresumable = tmp_path / "unresumable.npz"
+    np.savez(unresumable, **{"model/stem.proj.weight": np.zeros(3, np.float32)},
+             meta=np.array(json.dumps(dict(classes=["a"], model={}, settings={}))))
+    fails_naming(capsys, tmp_path / "out", ["--resume", unresumable], unresumable, "lacks position, drop_path_rng")
     published = tmp_path / "model.safetensors"
     from safetensors.numpy import save_file
     save_file({"stem.proj.weight": np.zeros(3, np.float32)}, str(published))
