@@ -13,8 +13,8 @@ label smoothing and torch.optim.AdamW with the same two parameter groups.
 
 Interleaved: each round times minimlp and PyTorch once each, each side in a fresh process of its own
 (alternating which goes first), so neither inherits the other's threads, allocator state or
-environment (minimlp's fast path changes glibc's allocator settings in its own process only: see
-minimlp/cpu_kernels.py). Each process does --warmup untimed steps, then --steps timed ones, and reports
+environment: minimlp's thread and allocator settings (minimlp/cpu_settings.py) apply in its own process
+only, and PyTorch runs with its defaults. Each process does --warmup untimed steps, then --steps timed ones, and reports
 their median; a row reports the median over the rounds, and every round's ratio. A benchmark, not a
 test: it asserts nothing.
 """
@@ -28,10 +28,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+ENVIRONMENT = dict(os.environ)  # as given: each side's process starts from it (minimlp's settings are its own)
+import minimlp  # noqa: E402,F401  before NumPy: its thread settings (minimlp/cpu_settings.py) must come first
+import numpy as np  # noqa: E402
 
 ROWS = {  # name: (minimlp model, image size, batch size, timm model or None for the built twin)
     "s12": ("resmlp_s12", 224, 32, "resmlp_12_224"),
@@ -70,13 +71,13 @@ def median_step_seconds(step, warmup, steps):
 
 
 def time_minimlp(row, warmup, steps, fast, keep_freed_memory):
-    from minimlp import cpu_kernels, create_model
+    from minimlp import cpu_settings, create_model
     from minimlp.loss_scaling import NoLossScaling
     from minimlp.optim import AdamW
     from minimlp.step import train_step
     images, labels = batch_of(row)
     if not keep_freed_memory:  # to measure what the allocator setting buys: glibc's defaults stay
-        cpu_kernels.keep_freed_memory = lambda: False
+        cpu_settings.keep_freed_memory = lambda: False
     model = create_model(ROWS[row][0], seed=0, fast=fast)
     optimizer, scaler = AdamW(model, lr=1e-4, weight_decay=0.05), NoLossScaling()
 
@@ -118,7 +119,7 @@ def run_side(side, row, args):
     command = [sys.executable, __file__, "--side", side, "--rows", row, "--warmup", str(args.warmup),
                "--steps", str(args.steps)] + ([] if args.fast else ["--no-fast"]) + \
         ([] if args.keep_freed_memory else ["--no-keep-freed-memory"])
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=ENVIRONMENT)
     if result.returncode != 0:
         raise SystemExit(f"{side} {row} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -13,31 +13,18 @@ Numba compiles each loop the first time it is called and keeps the machine code 
 Arithmetic is float32 throughout, like the reference's; `fastmath` lets the compiler vectorize and
 reorder the sums, so results differ from the reference by float32 rounding only (tested at 1e-5).
 
-The allocator. A training step frees and allocates hundreds of megabytes of activations. glibc's
-malloc serves blocks above M_MMAP_THRESHOLD (128 KiB to 32 MiB, adaptive) with mmap and returns them
-to the system on free, so every step the kernel maps fresh zeroed pages and the step faults them in
-again: on ResMLP-S12 that was 9 s of system time over 15 steps. `keep_freed_memory()` raises the
-mmap threshold and the trim threshold so that freed blocks stay in the heap for the next step
-(measured in benchmarks/train_step.py: README, "Speed"). minimlp.ops calls it (through `prepare`) when
-it chooses this fast path; it changes nothing but where freed memory waits.
-
-Threads. The loops run on Numba's OpenMP threads, the matrix products on OpenBLAS's, one after the
-other. By default an OpenMP thread that has finished spins for a while waiting for more work, on a
-core that OpenBLAS's next product needs; with as many threads as cores each spinning thread halves
-the product beside it. OMP_WAIT_POLICY=PASSIVE (set here unless the environment already sets it,
-before Numba starts its threads) makes finished threads sleep instead.
+The process settings this fast path relies on (threads that sleep when they wait, freed memory kept in
+the heap) are in minimlp/cpu_settings.py; `prepare` applies the allocator one when minimlp.ops chooses
+this fast path.
 """
-import ctypes
-import ctypes.util
 import functools
 import math
-import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by OpenMP when Numba first starts its threads
-import numba  # noqa: E402
-import numpy as np  # noqa: E402
+import numba
+import numpy as np
 
-from .backend import ERF_DENOMINATOR, ERF_NUMERATOR  # noqa: E402
+from .backend import ERF_DENOMINATOR, ERF_NUMERATOR
+from . import cpu_settings
 
 OPERATIONS = ("affine_forward", "affine_backward", "bias_gelu_forward", "bias_gelu_backward", "residual_forward",
               "residual_backward", "adamw_update")
@@ -58,25 +45,10 @@ jit = functools.partial(numba.njit, parallel=True, fastmath=True, cache=True)
 jit_inline = functools.partial(numba.njit, fastmath=True, cache=True, inline="always")
 
 
-# --------------------------------------------------------------------------------------------- allocator
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbers (malloc.h)
-
-
-def keep_freed_memory():
-    """Ask glibc to keep freed blocks up to 1 GiB in the heap (no mmap/munmap per activation) and never to
-    trim the heap. True where it took effect (glibc), False elsewhere (then nothing changes)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
-    except (OSError, AttributeError):  # not glibc: musl, macOS
-        return False
-
-
 def prepare():
-    """Called by minimlp.ops each time it chooses this fast path: the allocator setting (once is enough;
-    calling mallopt again changes nothing)."""
-    keep_freed_memory()
+    """Called by minimlp.ops each time it chooses this fast path: the allocator setting of
+    minimlp/cpu_settings.py (calling it again changes nothing)."""
+    cpu_settings.keep_freed_memory()
 
 
 # --------------------------------------------------------------------------------------------- Affine
