@@ -105,7 +105,7 @@ print(f"CPU, 4 M floats: gelu_backward {plain_time * 1e3:.1f} ms, a single multi
 heading("4. On the GPU (only where one is present)")
 if not has_gpu:
     print("No NVIDIA GPU with CuPy on this machine: the GPU comparison and the fused kernel are skipped.\n"
-          "On a GPU machine: pip install cupy-cuda12x, then run this lesson again; everything above\n"
+          "On a GPU machine: pip install \"cupy-cuda12x[ctk]\", then run this lesson again; everything above\n"
           "runs unchanged, and this section checks that the GPU gives the CPU's numbers.")
 else:
     import cupy
