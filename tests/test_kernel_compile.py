@@ -341,10 +341,10 @@ def kernel_builders():
 
 
 def stand_in_output(args):
-    """What a kernel that does not run returns: an empty NumPy array of the broadcast shape of its array
+    """What a kernel that does not run returns: a NumPy array of zeros of the broadcast shape of its array
     arguments, so that code after the launch (a sum of the result, say) runs as it would."""
     arrays = [arg for arg in args if isinstance(arg, np.ndarray)]
-    return np.empty(np.broadcast_shapes(*(array.shape for array in arrays)), arrays[0].dtype)
+    return np.zeros(np.broadcast_shapes(*(array.shape for array in arrays)), arrays[0].dtype)
 
 
 def recording_kernel_classes(launches, launch_for_real):
