@@ -38,7 +38,7 @@ from minimlp.loss_scaling import NoLossScaling
 from minimlp.optim import AdamW
 from minimlp.schedule import lr_at
 from minimlp.step import train_step
-from minimlp.synthetic import SHAPES_CLASSES, draw_image
+from minimlp.synthetic import SHAPES_CLASSES, draw_image, draw_split
 from minimlp.transforms import normalize
 
 TRAIN_PER_CLASS, VAL_PER_CLASS = 100, 30
@@ -47,22 +47,13 @@ STEPS, BATCH, BASE_LR, WEIGHT_DECAY, SMOOTHING = 500, 64, 3e-3, 0.05, 0.1
 # ---------------------------------------------------------------------------------------------
 heading("1. The data: shapes10, drawn in memory")
 show_source(draw_image)
-# Each image has its own random generator, seeded by (split, class, index): the same images on
+show_source(draw_split)
+# Each image has its own random generator, seeded by (seed, split, class, index): the same images on
 # every machine, and validation images that never appear in training.
 
-
-def draw_split(split, per_class):
-    images, labels = [], []
-    for label, name in enumerate(SHAPES_CLASSES):
-        for index in range(per_class):
-            images.append(draw_image(name, np.random.default_rng([11, split, label, index])))
-            labels.append(label)
-    return np.stack(images).transpose(0, 3, 1, 2), np.array(labels)  # uint8 (B, 3, 32, 32), (B,)
-
-
 start = time.perf_counter()
-train_images, train_labels = draw_split(0, TRAIN_PER_CLASS)
-val_images, val_labels = draw_split(1, VAL_PER_CLASS)
+train_images, train_labels = draw_split(0, TRAIN_PER_CLASS, seed=11)  # uint8 (B, 3, 32, 32), labels (B,)
+val_images, val_labels = draw_split(1, VAL_PER_CLASS, seed=11)
 print(f"drew {len(train_images)} training and {len(val_images)} validation images in {time.perf_counter() - start:.1f} s; "
       f"classes: {', '.join(SHAPES_CLASSES)}")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -29,7 +29,7 @@ from minimlp.loss_scaling import NoLossScaling
 from minimlp.optim import AdamW
 from minimlp.schedule import lr_at
 from minimlp.step import train_step
-from minimlp.synthetic import SHAPES_CLASSES, draw_image
+from minimlp.synthetic import draw_split
 from minimlp.transforms import normalize
 
 import matplotlib.pyplot as plt  # noqa: E402  (after _lesson, which chose the file-writing backend)
@@ -121,19 +121,10 @@ heading("3. The demo: resmlp_tiny on shapes10, raw weights vs their EMA")
 # average swaps it into the model's buffer and back (as train.py --model-ema does).
 TRAIN_PER_CLASS, VAL_PER_CLASS, STEPS, BATCH, LR, DECAY, EVERY = 150, 30, 1500, 16, 3e-3, 0.99, 50
 
-
-def draw_split(split, per_class):
-    images, labels = [], []
-    for label, name in enumerate(SHAPES_CLASSES):
-        for index in range(per_class):
-            images.append(draw_image(name, np.random.default_rng([17, split, label, index])))
-            labels.append(label)
-    return normalize(np.stack(images).transpose(0, 3, 1, 2)), np.array(labels)
-
-
 start = time.perf_counter()
-train_x, train_labels = draw_split(0, TRAIN_PER_CLASS)
-val_x, val_labels = draw_split(1, VAL_PER_CLASS)
+train_images, train_labels = draw_split(0, TRAIN_PER_CLASS, seed=17)  # minimlp.synthetic, as lesson 11 draws
+val_images, val_labels = draw_split(1, VAL_PER_CLASS, seed=17)
+train_x, val_x = normalize(train_images), normalize(val_images)
 model = create_model("resmlp_tiny", dim=64, depth=2, patch_size=8, seed=0)
 optimizer = AdamW(model, lr=LR, weight_decay=0.05)
 ema = ModelEma(model.parameters.data, decay=DECAY)

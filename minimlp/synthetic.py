@@ -78,10 +78,26 @@ def generate_shapes_dataset(folder, train_per_class, val_per_class, seed=0, prog
             class_dir = Path(folder) / split / name
             class_dir.mkdir(parents=True)
             for index in range(counts[split]):
-                rng = np.random.default_rng([seed, split_index, class_index, index])
-                Image.fromarray(draw_image(name, rng)).save(class_dir / f"{name}_{index:04d}.png")
+                image = draw_image(name, image_generator(seed, split_index, class_index, index))
+                Image.fromarray(image).save(class_dir / f"{name}_{index:04d}.png")
                 if progress is not None:
                     progress.update(1)
+
+
+def draw_split(split_index, per_class, seed=0):
+    """A split in memory (0 train, 1 val), the images generate_shapes_dataset would write for the same seed:
+    uint8 images (B, 3, IMAGE_SIZE, IMAGE_SIZE) and labels (B,), class by class."""
+    images, labels = [], []
+    for class_index, name in enumerate(SHAPES_CLASSES):
+        for index in range(per_class):
+            images.append(draw_image(name, image_generator(seed, split_index, class_index, index)))
+            labels.append(class_index)
+    return np.stack(images).transpose(0, 3, 1, 2), np.array(labels)
+
+
+def image_generator(seed, split_index, class_index, index):
+    """Each image's own generator: the same images on every machine, and val images never seen in training."""
+    return np.random.default_rng([seed, split_index, class_index, index])
 
 
 # ---------------------------------------------------------------- one image

@@ -19,6 +19,7 @@ from minimlp.synthetic import ensure_shapes_dataset
 from minimlp.teacher import load_teacher
 from minimlp.weights import WeightsError
 from tests.imagetools import make_image_folder
+from tests.test_train import read_log, train
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--model", "resmlp_tiny", "--img-size", "16", "--batch-size", "16", "--workers", "0", "--scale", "0.5", "1"]
@@ -28,16 +29,6 @@ WHOLE_RECIPE = ["--recipe", "resmlp-s12", *SMALL, "--opt", "adamw", "--lr", "3e-
                 "--model-ema", "--model-ema-decay", "0.95"]
 
 
-def train(*args, check=True, timeout=300):
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def read_log(output):
-    return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
