@@ -15,7 +15,6 @@ Any input a person must fix (a missing file, weights that do not fit, a class-na
 length) is one line on stderr, exit status 2. An unreadable image is one such line too; the other images
 are still classified, and the exit status is 2.
 """
-import argparse
 import json
 import math
 import re
@@ -26,6 +25,7 @@ import numpy as np
 
 from minimlp import backend, create_model
 from minimlp.checkpoint import is_training_checkpoint, load_checkpoint
+from minimlp.command_line import ArgumentParser
 from minimlp.datasets import IMAGE_EXTENSIONS, list_images
 from minimlp.loader import UNREADABLE_IMAGE_ERRORS
 from minimlp.model import PRESETS
@@ -43,7 +43,7 @@ class PredictError(ValueError):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Top classes and probabilities of images under trained ResMLP weights (a train.py checkpoint, "
                     "or published .npz/.safetensors weights), with the evaluation transform they were trained with.")
     a = parser.add_argument

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from minimlp import backend, create_model
 from minimlp.checkpoint import check_compatible, check_not_rewinding, read_resume, restore_run
+from minimlp.command_line import ArgumentParser
 from minimlp.config import RECIPES, complete_settings, dataset_defaults
 from minimlp.datasets import DataError, load_datasets
 from minimlp.distributed import connect
@@ -41,7 +42,7 @@ from minimlp.weights import WeightsError
 from minimlp.workers import WorkerDied
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Train ResMLP (minimlp: NumPy/CuPy, forward and backward by hand) on an ImageFolder dataset. "
                     "Without --data: the built-in demo (resmlp_tiny on generated shapes10 images). With --resume, "
                     "flags not given again keep the checkpoint's values.",
@@ -138,12 +139,7 @@ def parse_args(argv=None):
       help="also save checkpoint.npz every MINUTES inside an epoch, so that a kill -9 or a power cut loses at most "
            "that much (default 30; 0 = only at the end of each epoch)")
     a("--eval-only", action="store_true", help="evaluate --resume on the val split and exit")
-    args = parser.parse_args(argv)
-    if args.eval_only and not args.resume:
-        parser.error("--eval-only needs --resume CHECKPOINT_OR_WEIGHTS")
-    if args.workers < 0:
-        parser.error(f"--workers must be 0 or more, got {args.workers}")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None):

@@ -11,7 +11,6 @@ counted from 0 like blocks.i). Writes into DIR:
     summary.txt                 per layer: convolution likeness and self weight of A, sparsity (also printed)
 The measures are defined in minimlp.analysis; what the paper found is in docs/reference.md, Weight analysis.
 """
-import argparse
 import csv
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from .analysis import MATRIX_NAMES, SPARSITY_THRESHOLD, block_count, measure_layers, patch_grid_side
+from .command_line import ArgumentParser
 from .weights import WeightsError, read_weights, timm_to_official
 
 QUERY_GRID = 5  # query patches per side of a layer's figure; every patch when the grid is this small
@@ -166,7 +166,7 @@ def analyze(checkpoint, out_dir, layers=None):
 
 def main(argv=None):
     """The command line; returns the exit status (0, or 1 after a one-line error on stderr)."""
-    parser = argparse.ArgumentParser(prog="python -m minimlp.analyze",
+    parser = ArgumentParser(prog="python -m minimlp.analyze",
                                      description="Draw the cross-patch matrices of a ResMLP checkpoint and "
                                                  "measure how convolution-like and how sparse its weights are.")
     parser.add_argument("checkpoint", help="train.py checkpoint (.npz) or published weights (.npz, .safetensors)")

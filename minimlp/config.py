@@ -267,6 +267,10 @@ def check_settings(args):
                 RandAugment(args.aa)
             except ValueError as error:
                 raise ValueError(f"--aa: {error} (or none)") from None
+    if args.eval_only and not args.resume:
+        raise ValueError("--eval-only needs --resume CHECKPOINT_OR_WEIGHTS")
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {args.workers}")
     if args.distillation_type != "none" and not (args.teacher_model and args.teacher_path):
         raise ValueError(f"--distillation-type {args.distillation_type} needs --teacher-model and --teacher-path "
                          "(a minimlp preset with its weights, or a timm model with a PyTorch checkpoint: README, "

@@ -11,7 +11,6 @@ and renamed over the old one: an image viewer never sees half a picture.
 log.jsonl holds one JSON record per epoch (epoch, train_loss, val_loss, val_top1, val_top5, lr, ...).
 If the epoch numbers start again (a new run written into the same folder), the latest run is drawn.
 """
-import argparse
 import json
 import os
 import sys
@@ -20,6 +19,8 @@ from pathlib import Path
 # Figures are built as matplotlib Figure objects and saved with its Agg renderer, without pyplot (as in
 # minimlp.analyze): drawing from inside training changes no global matplotlib state, leaves no figure open.
 from matplotlib.figure import Figure
+
+from .command_line import ArgumentParser
 
 LOG_NAME = "log.jsonl"
 CURVES_NAME = "curves.png"
@@ -118,7 +119,7 @@ def compare_runs(run_folders, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m minimlp.plot",
         description="Draw the curves of train.py runs from their log.jsonl: train/val loss, top-1, learning rate. "
                     f"One run: RUN/{CURVES_NAME}. Several: one figure comparing them.")

@@ -56,6 +56,11 @@ class RandomErasing:
         self.min_area, self.max_area = min_area, max_area
         self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
 
+    @classmethod
+    def from_flags(cls, reprob, remode, recount):
+        """What DeiT's --reprob --remode --recount build (timm's create_transform): 1..recount boxes."""
+        return cls(reprob, remode, min_count=1, max_count=recount)
+
     def draw_boxes(self, height, width, rng):
         """The boxes of one image: [(top, left, h, w)], empty when it is not erased (timm's order of draws)."""
         if rng.random() > self.probability:

@@ -188,7 +188,7 @@ class Trainer:
         self.scaler = scaler
         self.ema, self.teacher = ema, teacher
         s = settings
-        self.erasing = (RandomErasing(s["reprob"], s["remode"], s["recount"]) if s.get("reprob", 0) > 0
+        self.erasing = (RandomErasing.from_flags(s["reprob"], s["remode"], s["recount"]) if s.get("reprob", 0) > 0
                         else None)
         self.mixup = None
         if s.get("mixup", 0) > 0 or s.get("cutmix", 0) > 0 or s.get("cutmix_minmax") is not None:

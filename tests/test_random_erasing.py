@@ -9,6 +9,7 @@ import scipy.stats
 from minimlp.backend import to_numpy
 from minimlp.random_erasing import RandomErasing
 from minimlp.twins import torch  # noqa: F401  (and timm through the torchvision workaround)
+import timm.data  # noqa: E402
 import timm.data.random_erasing as timm_erasing  # noqa: E402
 
 
@@ -140,6 +141,16 @@ def test_recount_scales_each_box_area():
     counts = [len(erasing.draw_boxes(64, 64, rng)) for _ in range(3000)]
     assert set(counts) == {1, 2, 3}
     assert scipy.stats.chisquare(np.bincount(counts)[1:]).pvalue > 1e-4  # uniform over 1..3
+
+
+def test_the_flags_build_what_timms_create_transform_builds():
+    # DeiT passes --reprob/--remode/--recount to timm's create_transform: --recount is the most boxes, not the fewest
+    transform = timm.data.create_transform(32, is_training=True, re_prob=0.25, re_mode="pixel", re_count=3)
+    theirs = next(t for t in transform.transforms if isinstance(t, timm_erasing.RandomErasing))
+    ours = RandomErasing.from_flags(0.25, "pixel", 3)
+    assert (ours.probability, ours.min_count, ours.max_count, ours.min_area, ours.max_area, ours.log_aspect) == \
+        (theirs.probability, theirs.min_count, theirs.max_count, theirs.min_area, theirs.max_area, theirs.log_aspect_ratio)
+    assert theirs.mode == ours.mode == "pixel" and (ours.min_count, ours.max_count) == (1, 3)
 
 
 def test_pixel_noise_is_standard_normal_and_rand_is_per_channel(xp):

@@ -120,7 +120,8 @@ def test_a_checkpoint_from_before_the_augmentations_resumes_without_them(tmp_pat
     (["--cutmix", "-1"], "--cutmix"), (["--cutmix-minmax", "0.8", "0.2"], "--cutmix-minmax"),
     (["--mixup-prob", "2"], "--mixup-prob"), (["--mixup-switch-prob", "-1"], "--mixup-switch-prob"),
     (["--model-ema-decay", "1.5"], "--model-ema-decay"), (["--distillation-alpha", "2"], "--distillation-alpha"),
-    (["--distillation-tau", "0"], "--distillation-tau"), (["--distillation-type", "hard"], "--teacher-model")])
+    (["--distillation-tau", "0"], "--distillation-tau"), (["--distillation-type", "hard"], "--teacher-model"),
+    (["--workers", "-1"], "--workers"), (["--eval-only"], "--resume")])
 def test_every_new_flag_is_validated_with_one_line_naming_it(flags, named):
     with pytest.raises(ValueError) as error:
         settings(*flags)
@@ -131,9 +132,10 @@ def test_every_new_flag_is_validated_with_one_line_naming_it(flags, named):
 def test_choices_are_refused_by_the_parser(capsys):
     for flags in (["--recipe", "resmlp-s99"], ["--remode", "blur"], ["--mixup-mode", "row"],
                   ["--train-interpolation", "nearest"], ["--distillation-type", "medium"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as exit_:
             train_script.parse_args(flags)
-        assert flags[0] in capsys.readouterr().err
+        error = capsys.readouterr().err
+        assert exit_.value.code == 2 and flags[0] in error and error.count("\n") == 1  # one line, not the usage
 
 
 # ---------------------------------------------------------------------------------------------
