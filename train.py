@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from minimlp import backend, create_model
-from minimlp.checkpoint import check_compatible, check_not_rewinding, read_resume, restore_run
+from minimlp.checkpoint import (check_compatible, check_not_rewinding, read_resume, restore_for_evaluation,
+                                restore_run)
 from minimlp.command_line import ArgumentParser
 from minimlp.config import RECIPES, complete_settings, dataset_defaults
 from minimlp.datasets import DataError, load_datasets
@@ -202,7 +203,8 @@ def run(args, world):
     for line in dataset_defaults(args, len(train_set)):
         if not args.eval_only:  # (training settings: nothing an evaluation uses)
             print(line)
-    world.check_same(settings_of(args))  # every rank the same flags and code, or none starts
+    # every rank the same flags and code, or none starts (--workers: each machine's own cores)
+    world.check_same({key: value for key, value in settings_of(args).items() if key != "workers"})
     description = world.describe(device)
     if description:
         print(description + f"; global batch {world.size} x {args.batch_size} = {world.size * args.batch_size}")
@@ -217,14 +219,7 @@ def run(args, world):
     val_loader = Loader(val_set, args.batch_size, train=False, img_size=args.img_size, crop_pct=args.crop_pct,
                         seed=args.seed, workers=args.workers, rank=world.rank, num_replicas=world.size)
     if args.eval_only:
-        model.load_state_dict(checkpoint[0])
-        if evaluate_ema:  # the checkpoint's average of the weights, in their place
-            if "ema" not in checkpoint[3]:
-                raise ValueError(f"--model-ema: {args.resume} holds no average of the weights (trained without "
-                                 "--model-ema?); leave the flag out to evaluate its weights")
-            ema = ModelEma(model.parameters.data)
-            ema.load_state_dict(checkpoint[3]["ema"])  # (says so when it does not fit the model)
-            model.parameters.data[...] = ema.data
+        restore_for_evaluation(checkpoint, args.resume, model, use_ema=evaluate_ema)
         with val_loader:
             metrics = evaluate(model, val_loader, amp=args.amp, world=world)
         print(f"{args.resume}{' (EMA)' if evaluate_ema else ''}: top-1 {metrics['val_top1']:.2f}%  "

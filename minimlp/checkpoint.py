@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .ema import ModelEma
 from .model import PRESETS
 from .run_folder import write_atomically
 from .weights import WeightsError, read_weights
@@ -138,6 +139,20 @@ def restore_run(checkpoint, model, optimizer, scaler, weight_decay, ema=None):
             ema.data[...] = model.parameters.data
         ema.decay = decay
     return meta["position"]
+
+
+def restore_for_evaluation(checkpoint, path, model, use_ema=False):
+    """Put the weights of a --resume file (from read_resume) into the model; with use_ema (--eval-only
+    --model-ema), its average of the weights (a train.py checkpoint of a --model-ema run) in their place."""
+    weights, _, _, groups = checkpoint
+    model.load_state_dict(weights)
+    if use_ema:
+        if "ema" not in groups:
+            raise ValueError(f"--model-ema: {path} holds no average of the weights (trained without "
+                             "--model-ema?); leave the flag out to evaluate its weights")
+        ema = ModelEma(model.parameters.data)
+        ema.load_state_dict(groups["ema"])  # (says so when it does not fit the model)
+        model.parameters.data[...] = ema.data
 
 
 def read_resume(path, eval_only=False):

@@ -125,6 +125,7 @@ class MPIWorld:
         self.bucket_bytes, self.timeout = bucket_bytes, timeout
         self.name = f"rank {self.rank}/{self.size}"
         self.averaging = {}  # id(parameters) -> BucketedMean
+        self.all_refuse = False  # check_same found ranks that differ (every rank knows it)
         self.error_stream = sys.stderr
         sys.excepthook = self._abort_after_traceback
 
@@ -176,6 +177,9 @@ class MPIWorld:
         mine = dict(settings=json.dumps(settings, sort_keys=True, default=str), code=source_hashes())
         everyone = self.comm.allgather(mine)
         first = everyone[0]
+        # every rank sees every rank's settings, so all raise together: none waits for another, and
+        # exit() lets them end in order (rank 0's line printed) instead of aborting the job
+        self.all_refuse = any(theirs != first for theirs in everyone)
         for rank, theirs in enumerate(everyone[1:], start=1):
             if theirs["code"] != first["code"]:
                 files = sorted(name for name in set(first["code"]) | set(theirs["code"])
@@ -224,7 +228,8 @@ class MPIWorld:
     def exit(self, code):
         """The process's exit code. A failing rank (a code other than 0 or 128 + a signal, which every rank
         reaches together after a Ctrl-C or SIGTERM) aborts the job: the others may be waiting for it."""
-        if code < 128 and code != 0:  # 128 + a signal: every rank stopped after the same step
+        # 128 + a signal: every rank stopped after the same step
+        if code < 128 and code != 0 and not self.all_refuse:
             last = getattr(sys.stderr, "last_line", None)  # the error line of a quiet rank (rank 0's is printed)
             self.abort(f"failed (exit code {code})" + (f": {last}" if last else ""), code)
         return code
