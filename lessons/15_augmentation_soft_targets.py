@@ -196,7 +196,7 @@ show_source(random_erasing.RandomErasing.draw_boxes)
 # DeiT: --reprob 0.25 --remode pixel. A box of area U(0.02, 1/3) of the image, aspect h/w log-uniform
 # in (0.3, 1/0.3), filled with N(0, 1) per pixel: on a normalized batch, noise around the mean.
 eraser = random_erasing.RandomErasing(probability=1.0, mode="pixel")
-erase_plan = eraser.draw(*batch.shape, np.random.default_rng(7))
+erase_plan = eraser.draw([np.random.default_rng([7, index]) for index in range(len(batch))], *batch.shape[1:])
 erased = eraser.apply(batch.copy(), erase_plan)
 inside = np.zeros(batch.shape, bool)
 for index, top, left, box_h, box_w in erase_plan.boxes:

@@ -2,7 +2,8 @@
 (DeiT's --reprob 0.25 --remode pixel --recount 1).
 
     erasing = RandomErasing(probability=0.25, mode="pixel", max_count=1)
-    images = erasing(images, rng)        # images (B, C, H, W) normalized, on the device: erased IN PLACE
+    images = erasing(images, rngs)       # images (B, C, H, W) normalized, on the device: erased IN PLACE;
+                                         # rngs: one numpy Generator per image
 
 Each image, with probability `probability`, gets `count` boxes (count = max_count, or uniform in
 min_count..max_count when they differ). A box has area U(min_area, max_area) * H W / count and aspect
@@ -12,8 +13,10 @@ given up. Its top-left corner is uniform over the positions where it fits. The b
     pixel: per-pixel N(0, 1) noise      rand: one N(0, 1) value per channel      const: 0
 which, on a normalized batch, is noise around the dataset mean (0 is the mean itself).
 
-Randomness: the boxes and the noise are drawn on the host from a numpy Generator (`draw`), then
-written on the device with one transfer (`apply`); so CPU and GPU runs erase the same pixels.
+Randomness: each image's boxes and noise are drawn on the host from that image's own numpy Generator
+(`draw`), then written on the device with one transfer (`apply`); so CPU and GPU runs erase the same
+pixels, and the trainer, seeding each image's generator by its place in the global batch, erases the
+same pixels on K ranks as one process with the K ranks' batches together.
 """
 import math
 
@@ -81,14 +84,18 @@ class RandomErasing:
                     break
         return boxes
 
-    def draw(self, batch_size, channels, height, width, rng):
-        """The ErasePlan of a batch: every image's boxes, then all the noise in one draw."""
-        boxes = [(index, *box) for index in range(batch_size) for box in self.draw_boxes(height, width, rng)]
+    def draw(self, rngs, channels, height, width):
+        """The ErasePlan of a batch from one generator per image: image i's boxes, then their fill, from rngs[i]."""
+        boxes, noise = [], []
         values_per_box = {"pixel": lambda box_h, box_w: channels * box_h * box_w,
                           "rand": lambda box_h, box_w: channels, "const": lambda box_h, box_w: 0}[self.mode]
-        total = sum(values_per_box(box_h, box_w) for _, _, _, box_h, box_w in boxes)
-        noise = rng.standard_normal(total, dtype=np.float32) if total else np.zeros(0, np.float32)
-        return ErasePlan(boxes, noise)
+        for index, rng in enumerate(rngs):
+            image_boxes = self.draw_boxes(height, width, rng)
+            boxes += [(index, *box) for box in image_boxes]
+            total = sum(values_per_box(box_h, box_w) for _, _, box_h, box_w in image_boxes)
+            if total:
+                noise.append(rng.standard_normal(total, dtype=np.float32))
+        return ErasePlan(boxes, np.concatenate(noise) if noise else np.zeros(0, np.float32))
 
     def apply(self, images, plan):
         """Write the plan's boxes into images (B, C, H, W) IN PLACE; the noise goes to the device at once."""
@@ -112,6 +119,8 @@ class RandomErasing:
             offset += size
         return images
 
-    def __call__(self, images, rng):
-        """draw + apply: erases `images` (B, C, H, W) in place and returns it."""
-        return self.apply(images, self.draw(*images.shape, rng))
+    def __call__(self, images, rngs):
+        """draw + apply: erases `images` (B, C, H, W) in place and returns it; rngs: B generators, one per image."""
+        if len(rngs) != images.shape[0]:
+            raise ValueError(f"{len(rngs)} generators for a batch of {images.shape[0]} images: give one per image")
+        return self.apply(images, self.draw(rngs, *images.shape[1:]))

@@ -8,8 +8,8 @@ The state that makes resume exact (and that a checkpoint therefore holds): the w
 optimizer's moments and step, the drop-path generator, the loss scaler under --amp (minimlp.loss_scaling),
 the EMA (--model-ema), and where the run stands (epoch, next batch, global step, the partial epoch's loss
 sum). Batches depend only on (seed, epoch, batch index) (minimlp.loader), the learning rate only on the
-global step (minimlp.schedule), and the erasing and Mixup/CutMix draws of a batch on their own generator
-np.random.default_rng([seed, stream, epoch, batch]) (batch_generator): nothing of theirs to save.
+global step (minimlp.schedule), and the erasing and Mixup/CutMix draws on generators seeded by where they
+are (image_generators, mixup_generator): nothing of theirs to save.
 """
 import contextlib
 import signal
@@ -38,7 +38,7 @@ from .workers import WorkerDied
 
 
 READ_LOSS_EVERY = 20  # steps between reading the training loss back from the device (for the bar, the sum)
-ERASING_STREAM, MIXUP_STREAM = 1, 2  # the `stream` of batch_generator: one generator per augmentation and batch
+ERASING_STREAM, MIXUP_STREAM = 1, 2  # what a generator is for, in its seed: each augmentation draws its own
 
 
 # Signals that stop a run: Ctrl-C, and what Slurm, Kubernetes and `timeout` send before they kill.
@@ -308,11 +308,22 @@ class Trainer:
             p["loss_sum"] += value
         pending.clear()
 
-    def batch_generator(self, stream):
-        """The generator of one augmentation (`stream`) for the batch about to be trained on: seeded by
-        [seed, stream, epoch, batch], so a resumed run draws exactly what the uninterrupted one did."""
+    def image_generators(self, stream, count):
+        """One generator per image of the batch about to be trained on, seeded by [seed, stream, epoch, batch,
+        the image's place in the global batch]: a resumed run draws what the uninterrupted one did, and K
+        ranks what one process draws for their batches together (rank r holds places r, r + K, ...: the
+        sampler's striding)."""
         p = self.position
-        return np.random.default_rng([self.settings["seed"], stream, p["epoch"], p["batch"]])
+        places = self.world.rank + self.world.size * np.arange(count)
+        return [np.random.default_rng([self.settings["seed"], stream, p["epoch"], p["batch"], place])
+                for place in places.tolist()]
+
+    def mixup_generator(self):
+        """Mixup/CutMix's generator for the batch: seeded by [seed, stream, epoch, batch, rank]. It mixes each
+        rank's batch with itself (its images in reverse order), so K ranks cannot mix as one process does;
+        each rank draws its own lambda and box, as DeiT's ranks do (it seeds rank r with seed + r)."""
+        p = self.position
+        return np.random.default_rng([self.settings["seed"], MIXUP_STREAM, p["epoch"], p["batch"], self.world.rank])
 
     def train_step(self, x, y):
         """Augment the normalized batch on the device (erasing, then Mixup/CutMix: DeiT's order), then one step
@@ -322,9 +333,9 @@ class Trainer:
         s = self.settings
         smoothing = s["smoothing"]
         if self.erasing is not None:
-            x = self.erasing(x, self.batch_generator(ERASING_STREAM))
+            x = self.erasing(x, self.image_generators(ERASING_STREAM, len(y)))
         if self.mixup is not None:
-            x, y = self.mixup(x, y, self.batch_generator(MIXUP_STREAM))
+            x, y = self.mixup(x, y, self.mixup_generator())
             smoothing = 0.0  # already in Mixup's soft targets
         criterion = None
         if self.teacher is not None:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,10 +26,11 @@ from minimlp.loss_scaling import NoLossScaling
 from minimlp.optim import AdamW
 from minimlp.step import train_step
 from minimlp.synthetic import ensure_shapes_dataset
+from minimlp.trainer import ERASING_STREAM, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--model", "resmlp_tiny", "--img-size", "16", "--warmup-epochs", "0", "--lr", "3e-3", "--scale", "0.5", "1",
-        "--workers", "0", "--save-every", "0", "--drop-path", "0.1", "--repeated-aug"]
+        "--workers", "0", "--save-every", "0", "--drop-path", "0.1", "--repeated-aug", "--reprob", "0.5"]
 
 
 needs_mpi = pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (pip install -r requirements.txt brings MPICH)")
@@ -162,6 +164,21 @@ def test_one_process_step_is_the_plain_step():
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
+def test_ranks_erase_their_places_of_the_global_batch_and_draw_their_own_mixup():
+    def trainer_on(rank, size):  # what the two generators read of a Trainer
+        return SimpleNamespace(position=dict(epoch=2, batch=5), settings=dict(seed=7),
+                               world=SimpleNamespace(rank=rank, size=size))
+
+    def first_draws(generators):
+        return [generator.random() for generator in generators]
+
+    one_process = first_draws(Trainer.image_generators(trainer_on(0, 1), ERASING_STREAM, 8))
+    ranks = [first_draws(Trainer.image_generators(trainer_on(rank, 2), ERASING_STREAM, 4)) for rank in (0, 1)]
+    assert ranks[0] == one_process[0::2] and ranks[1] == one_process[1::2]  # places r, r + K, ...
+    mixups = [Trainer.mixup_generator(trainer_on(rank, 2)).random() for rank in (0, 1)]
+    assert mixups[0] != mixups[1]
+
+
 def test_other_ranks_print_only_warnings_and_keep_their_last_line():
     import io
     real = io.StringIO()
@@ -226,7 +243,7 @@ EPOCHS = 6  # 5 steps each
 
 @pytest.fixture(scope="module")
 def one_process_run(shapes, tmp_path_factory):
-    """train.py in one process x 16 images, float32, drop path and repeated augmentation on."""
+    """train.py in one process x 16 images, float32, drop path, repeated augmentation and random erasing on."""
     output = tmp_path_factory.mktemp("one")
     train(1, "--data", shapes, "--epochs", EPOCHS, *FAST, "--batch-size", 16, "--output", output)
     return output

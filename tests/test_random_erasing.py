@@ -80,7 +80,7 @@ def test_same_draws_erase_timms_pixels(xp, monkeypatch, settings):
         fractions = np.random.default_rng(seed).uniform(size=400)
         theirs_script, our_script = ScriptedRandom(fractions, noise), ScriptedRandom(fractions, noise)
         expected = run_timm(monkeypatch, settings, images, theirs_script)
-        ours = to_numpy(RandomErasing(**settings)(xp.array(images), our_script))
+        ours = to_numpy(RandomErasing(**settings)(xp.array(images), [our_script] * len(images)))
         assert our_script.log == theirs_script.log and our_script.noise_used == theirs_script.noise_used
         assert np.array_equal(ours, expected), seed
         erased_somewhere |= not np.array_equal(ours, images)
@@ -91,7 +91,7 @@ def test_box_and_fill_by_hand():
     images = np.ones((1, 3, 10, 10))
     # erase: 0.1 <= p; area U -> 0.02 + 0.5 * (1/3 - 0.02) of 100 px; aspect exp(0) = 1; top 2, left 6
     script = ScriptedRandom([0.1, 0.5, 0.5, 0.25, 0.75], np.zeros(0, np.float32))
-    erased = RandomErasing(probability=0.25, mode="const")(images, script)
+    erased = RandomErasing(probability=0.25, mode="const")(images, [script])
     side = round(math.sqrt((0.02 + 0.5 * (1 / 3 - 0.02)) * 100))  # 4
     top, left = int(0.25 * (10 - side + 1)), int(0.75 * (10 - side + 1))
     expected = np.ones((1, 3, 10, 10))
@@ -153,13 +153,17 @@ def test_the_flags_build_what_timms_create_transform_builds():
     assert theirs.mode == ours.mode == "pixel" and (ours.min_count, ours.max_count) == (1, 3)
 
 
+def generators(seed, count):
+    return [np.random.default_rng([seed, index]) for index in range(count)]
+
+
 def test_pixel_noise_is_standard_normal_and_rand_is_per_channel(xp):
     images = xp.zeros((64, 3, 32, 32), dtype=np.float32)
-    RandomErasing(probability=1.0, mode="pixel")(images, np.random.default_rng(3))
+    RandomErasing(probability=1.0, mode="pixel")(images, generators(3, len(images)))
     values = to_numpy(images)[to_numpy(images) != 0]
     assert abs(values.mean()) < 0.02 and abs(values.std() - 1) < 0.02
     images = xp.zeros((16, 3, 32, 32), dtype=np.float32)
-    RandomErasing(probability=1.0, mode="rand")(images, np.random.default_rng(3))
+    RandomErasing(probability=1.0, mode="rand")(images, generators(3, len(images)))
     for image in to_numpy(images):
         for channel in image:
             assert len(np.unique(channel)) == 2  # 0 outside, one value inside
@@ -167,9 +171,22 @@ def test_pixel_noise_is_standard_normal_and_rand_is_per_channel(xp):
 
 def test_same_generator_same_erasing_on_every_device(xp):
     images = np.random.default_rng(4).normal(size=(16, 3, 24, 24)).astype(np.float32)
-    first = to_numpy(RandomErasing(probability=0.5)(xp.array(images), np.random.default_rng(9)))
-    on_numpy = RandomErasing(probability=0.5)(images.copy(), np.random.default_rng(9))
+    first = to_numpy(RandomErasing(probability=0.5)(xp.array(images), generators(9, 16)))
+    on_numpy = RandomErasing(probability=0.5)(images.copy(), generators(9, 16))
     assert np.array_equal(first, on_numpy) and not np.array_equal(first, images)
+
+
+def test_each_image_is_erased_by_its_own_generator_whatever_batch_it_is_in():
+    # what makes K ranks erase like one process: an image's boxes and noise depend on its generator alone
+    images = np.random.default_rng(5).normal(size=(6, 3, 16, 16)).astype(np.float32)
+    erasing = RandomErasing(probability=0.7, mode="pixel", max_count=2)
+    together = erasing(images.copy(), generators(1, 6))
+    odd_and_even = [erasing(images[part].copy(), generators(1, 6)[part]) for part in (slice(0, None, 2),
+                                                                                       slice(1, None, 2))]
+    assert np.array_equal(together[0::2], odd_and_even[0]) and np.array_equal(together[1::2], odd_and_even[1])
+    assert not np.array_equal(together, images)
+    with pytest.raises(ValueError, match="one per image"):
+        erasing(images, generators(1, 5))
 
 
 @pytest.mark.parametrize("settings, complaint", [
