@@ -25,9 +25,11 @@ import math
 
 import numpy as np
 
-from minimlp import create_model, losses
+from minimlp import create_model
+from minimlp.loss_scaling import NoLossScaling
 from minimlp.optim import AdamW, Lamb
 from minimlp.schedule import lr_at
+from minimlp.step import train_step
 
 rng = np.random.default_rng(0)
 
@@ -47,9 +49,7 @@ mine = {name: value.copy() for name, value in model.params.items()}  # our own c
 m = {name: np.zeros_like(value) for name, value in mine.items()}
 v = {name: np.zeros_like(value) for name, value in mine.items()}
 for t in range(1, 4):
-    loss, dlogits = losses.cross_entropy(model.forward(images, train=True), labels)
-    model.backward(dlogits)
-    optimizer.step()
+    loss, _ = train_step(model, optimizer, images, labels, lr, NoLossScaling())  # forward, loss, backward, step
     for name, p in mine.items():
         g = model.grads[name]  # the same gradient: our weights equal the model's (checked below)
         if p.ndim > 1:  # decoupled weight decay, matrices only

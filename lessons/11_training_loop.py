@@ -10,10 +10,12 @@ Everything is in place: a model whose forward and backward we trust (lessons 1-9
 and train_step (minimlp.step, the one step that train.py, the benchmarks and the tests run too) is
 
         logits = model.forward(images, train=True)
-        loss, dlogits = cross_entropy(logits, labels, smoothing)
-        model.backward(dlogits)                 # fills model.grads (overwrites)
-        optimizer.lr = lr                       # warmup, then cosine
-        optimizer.step()                        # updates model.params in place
+        loss, dlogits = softmax_cross_entropy(logits, targets)  # (smoothed) cross-entropy; dlogits = (p - q) / B
+        model.backward(scaler.scale_gradient(dlogits))  # fills model.grads (overwrites); float32: scale 1
+        if the gradients are finite:            # always in float32; --amp may skip a step (lesson 14)
+            clip them if asked (clip_grad)
+            optimizer.lr = lr                   # warmup, then cosine
+            optimizer.step()                    # updates model.params in place
 
 The data: minimlp.synthetic's "shapes10", ten classes of small drawn images (circle, ring,
 square, triangle, cross, stripes in three directions, checkerboard, dots) on noisy backgrounds.
