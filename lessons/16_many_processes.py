@@ -265,7 +265,6 @@ def exposed_ms(sizes_and_ready, bandwidth, latency, ranks):
 def plans(bucket_bytes):
     """(ms at which each bucket is ready, bytes) for buckets of bucket_bytes, from backward's reports."""
     ready = []
-    offsets = [s12.parameters.size] + transport.reports  # report k says: grad[offset_k:] is final
     for start, stop in bucket_ranges(s12.parameters, bucket_bytes):
         first_report = next(k for k, offset in enumerate(transport.reports) if offset <= start)
         ready.append((report_ms[first_report], (stop - start) * 4))

@@ -11,13 +11,14 @@ A step alternates matrix products (OpenBLAS's threads, through NumPy) with fused
    sleep at once. Both libraries read them when they start, so they are set here, in the environment,
    when minimlp is imported (minimlp/__init__.py imports this module first), unless the environment
    already sets them; a program that has imported NumPy before minimlp keeps OpenBLAS's default.
-   Measured on ResMLP-S12: 2.30 -> 2.02 s per step.
+   Measured on ResMLP-S12, batch 32 (README, "Speed"): 3.13 s per step with spinning threads, 2.01 without.
 2. Freed memory must stay in the heap. A step frees and allocates hundreds of megabytes of activations.
    glibc's malloc serves blocks above M_MMAP_THRESHOLD (128 KiB to 32 MiB, adaptive) with mmap and
    returns them to the system on free, so every step maps fresh zeroed pages and faults them in again
-   (on ResMLP-S12, 9 s of system time over 15 steps). keep_freed_memory() raises the mmap and trim
-   thresholds so freed blocks wait in the heap for the next step. minimlp.ops calls it when it chooses
-   the CPU fast path (cpu_kernels.prepare); it changes nothing but where freed memory waits.
+   (on ResMLP-S12, 9 s of system time over 15 steps; 2.51 s per step, against 2.01 with this setting).
+   keep_freed_memory() raises the mmap and trim thresholds so freed blocks wait in the heap for the
+   next step. minimlp.ops calls it when it chooses the CPU fast path (cpu_kernels.prepare); it changes
+   nothing but where freed memory waits.
 """
 import ctypes
 import ctypes.util

@@ -12,7 +12,6 @@ log.jsonl holds one JSON record per epoch (epoch, train_loss, val_loss, val_top1
 If the epoch numbers start again (a new run written into the same folder), the latest run is drawn.
 """
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from .command_line import ArgumentParser
+from .run_folder import write_atomically
 
 LOG_NAME = "log.jsonl"
 CURVES_NAME = "curves.png"
@@ -94,12 +94,9 @@ def draw(runs, title=None):
 
 
 def save(figure, path):
-    """Write the figure as a PNG, atomically (a temporary file beside it, then a rename)."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    figure.savefig(temporary, format="png", dpi=100)
-    os.replace(temporary, path)
-    return path
+    """Write the figure as a PNG, atomically (minimlp.run_folder.write_atomically)."""
+    write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=100))
+    return Path(path)
 
 
 def draw_run(run_folder):
