@@ -87,6 +87,10 @@ def main(argv=None):
     except (PredictError, WeightsError, backend.DeviceError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except backend.out_of_memory_errors() as error:
+        print(f"error: the GPU ran out of memory with --batch-size {args.batch_size} ({error}): try a smaller "
+              f"--batch-size, e.g. {max(args.batch_size // 2, 1)}, or --device cpu", file=sys.stderr)
+        return 2
 
 
 def run(args):

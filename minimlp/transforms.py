@@ -47,12 +47,6 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def load_rgb(path):
-    """The whole image at `path` as uint8 (3, H, W), no resizing."""
-    with Image.open(path) as image:
-        return to_chw(to_rgb(image))
-
-
 def to_chw(image):
     """RGB PIL image -> uint8 array (3, H, W)."""
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)

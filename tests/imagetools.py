@@ -4,6 +4,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from minimlp.transforms import to_chw, to_rgb
+
 # The file format each mode is saved in by default (JPEG cannot hold alpha, palettes or 16 bits).
 DEFAULT_EXTENSION = {"RGB": ".jpg", "L": ".jpg", "CMYK": ".jpg", "P": ".png", "RGBA": ".png",
                      "LA": ".png", "I;16": ".png", "1": ".png"}
@@ -65,3 +67,9 @@ def make_image_folder(root, classes=("cat", "dog"), per_class=3, size=(40, 30), 
                 seed = (split_index * 1000 + class_index) * 1000 + index
                 save_image(root / split / name / f"img{index}{DEFAULT_EXTENSION[mode]}", size, mode, seed)
     return root
+
+
+def load_rgb(path):
+    """The whole image at `path` as uint8 (3, H, W), no resizing: what the loader decodes, before its crop."""
+    with Image.open(path) as image:
+        return to_chw(to_rgb(image))

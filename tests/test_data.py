@@ -14,9 +14,9 @@ from minimlp.loader import Loader
 from minimlp.randaugment import RandAugment
 from minimlp.sampler import RepeatedAugmentationSampler
 from minimlp.transforms import (IMAGENET_MEAN, IMAGENET_STD, eval_crop_box, eval_resize_size, eval_transform,
-                                load_rgb, normalize, random_resized_crop_box, to_chw, train_transform)
+                                normalize, random_resized_crop_box, to_chw, train_transform)
 from minimlp.twins import timm, torch, torchvision
-from tests.imagetools import make_image, make_image_folder, save_image, smooth_rgb
+from tests.imagetools import load_rgb, make_image, make_image_folder, save_image, smooth_rgb
 
 
 # ---------------------------------------------------------------- datasets: layout
@@ -50,6 +50,17 @@ def test_val_with_fewer_classes_keeps_train_labels(tmp_path):
 
 
 # ---------------------------------------------------------------- datasets: errors for people
+
+def test_a_class_folder_lists_the_files_torchvisions_image_folder_lists(tmp_path):
+    names = ["a.jpg", "b.JPEG", "c.png", "d.ppm", "e.bmp", "f.pgm", "g.tif", "h.TIFF", "i.webp", "j.gif", "k.txt",
+             "l.jpg.bak"]
+    for class_name in ("cat", "dog"):
+        for name in names:
+            (tmp_path / "train" / class_name).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "train" / class_name / name).write_bytes(b"")  # listing opens no file
+    theirs = torchvision.datasets.ImageFolder(str(tmp_path / "train"), loader=lambda path: path)
+    assert sorted(load_train(tmp_path).samples) == sorted(theirs.samples)
+
 
 def test_missing_data_folder_names_path_and_flag(tmp_path):
     with pytest.raises(DataError, match=r"--data folder .*nowhere does not exist"):

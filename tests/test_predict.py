@@ -195,6 +195,22 @@ def test_bad_input_is_one_line_naming_it_and_exit_status_2(tmp_path, capsys, cas
     assert err.splitlines()[-1] == errors[0]
 
 
+def test_running_out_of_gpu_memory_is_one_line_naming_the_batch_size(tmp_path, capsys, monkeypatch):
+    # (without a GPU: MemoryError stands in for CuPy's OutOfMemoryError, raised by the forward pass)
+    class OutOfMemory(MemoryError):
+        pass
+
+    def exhausted(model, images):
+        raise OutOfMemory("out of memory allocating 1,073,741,824 bytes")
+
+    monkeypatch.setattr(predict.backend, "out_of_memory_errors", lambda: (OutOfMemory,))
+    monkeypatch.setattr(predict, "probabilities", exhausted)
+    weights = save_training_checkpoint(tmp_path / "best.npz", small_model())
+    status, out, err = run_predict(capsys, save_image(tmp_path / "a.jpg"), "--weights", weights, "--batch-size", "8")
+    assert status == 2 and out == ""
+    assert err.splitlines()[-1].startswith("error: the GPU ran out of memory with --batch-size 8")
+
+
 def test_an_unreadable_image_is_named_and_the_others_still_classified(tmp_path, capsys):
     weights = save_training_checkpoint(tmp_path / "best.npz", small_model())
     good = save_image(tmp_path / "good.jpg")
