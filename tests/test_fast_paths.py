@@ -1,8 +1,9 @@
 """Every fast path (minimlp.cuda_kernels on the GPU, minimlp.cpu_kernels on the CPU) against the reference
 operations it replaces (minimlp.ops.REFERENCE), on the same inputs, on every device where it can run.
 
-Each case calls the fast function and the reference function on fresh float32 copies of the same
-inputs and compares everything they return (outputs and caches) and every input afterwards (some
+Each case calls the fast function and the reference function on fresh copies of the same inputs, in
+every dtype the fast path offers (float32; on the GPU float64 too), and compares everything they
+return (outputs and caches) and every input afterwards (some
 operations write into their inputs: those writes are results too). The CPU fast path runs here; the
 CUDA one where a GPU is present (skipped, saying so, elsewhere). The whole model and the training step
 are compared the same way, fast against reference.
@@ -21,7 +22,8 @@ from minimlp.step import train_step
 from tests.conftest import GPU_SKIP_REASON
 
 PATCHES, IMAGES, DIM, HIDDEN, CLASSES = 6, 4, 5, 7, 11  # all different: a swapped axis cannot pass
-FLOAT32_TOLERANCE = 1e-5  # largest difference / largest value; the two paths round differently
+# largest difference / largest value: the two paths round differently (float64: the same formulas, reordered)
+TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 PARAMETERS = 3001  # an odd size: no loop may assume a multiple of its vector width
 
 
@@ -74,23 +76,29 @@ CASES = {
 }
 
 
-@pytest.fixture(params=["cpu", "gpu"])
+@pytest.fixture(params=[("cpu", "float32"), ("gpu", "float32"), ("gpu", "float64")], ids="-".join)
 def fast(request):
-    """(device, xp, the device's fast-path module)."""
-    device = request.param
+    """(device, xp, the device's fast-path module, dtype): every device and dtype with a fast path."""
+    device, dtype = request.param[0], np.dtype(request.param[1])
     if device == "gpu" and not backend.gpu_available():
         pytest.skip(GPU_SKIP_REASON)
-    module = ops.fast_module(device, np.float32)
+    module = ops.fast_module(device, dtype)
     assert module is not None, f"no fast path for {device} (on the CPU it needs Numba: pip install numba)"
-    return device, backend.get_module(device), module
+    return device, backend.get_module(device), module, dtype
 
 
-def _on_device(value, xp):
-    """float32 device copies of every array in a nest of lists and tuples (each call gets its own)."""
+def test_the_fast_paths_offer_the_dtypes_tested_here():
+    cpu, gpu = (importlib.import_module(ops.FAST_MODULES[device]) for device in ("cpu", "gpu"))
+    assert set(cpu.DTYPES) == {np.dtype(np.float32)}
+    assert set(gpu.DTYPES) == {np.dtype(np.float32), np.dtype(np.float64)}
+
+
+def _on_device(value, xp, dtype):
+    """Device copies in `dtype` of every array in a nest of lists and tuples (each call gets its own)."""
     if isinstance(value, (list, tuple)):
-        return type(value)(_on_device(item, xp) for item in value)
+        return type(value)(_on_device(item, xp, dtype) for item in value)
     if isinstance(value, np.ndarray):
-        return xp.array(value, dtype=np.float32)  # a fresh copy for each call
+        return xp.array(value, dtype=dtype)  # a fresh copy for each call
     return value
 
 
@@ -110,23 +118,24 @@ def test_every_fast_operation_has_a_case():
 
 @pytest.mark.parametrize("case", CASES)
 def test_fast_operation_matches_the_reference(fast, case):
-    device, xp, module = fast
+    device, xp, module, dtype = fast
     operation, make_inputs = CASES[case]
     if operation not in module.OPERATIONS:
         pytest.skip(f"{module.__name__} has no {operation}: the reference runs there (nothing to compare)")
     inputs = make_inputs(np.random.default_rng(0))
     if case == "affine_backward_pooled":  # keep the broadcast view: that is what the case is about
-        view = xp.broadcast_to(xp.asarray(inputs[0][0], dtype=np.float32), inputs[0].shape)
-        fast_inputs, reference_inputs = [view, _on_device(inputs[1], xp)], [view, _on_device(inputs[1], xp)]
+        view = xp.broadcast_to(xp.asarray(inputs[0][0], dtype=dtype), inputs[0].shape)
+        fast_inputs = [view, _on_device(inputs[1], xp, dtype)]
+        reference_inputs = [view, _on_device(inputs[1], xp, dtype)]
     else:
-        fast_inputs, reference_inputs = _on_device(inputs, xp), _on_device(inputs, xp)
+        fast_inputs, reference_inputs = _on_device(inputs, xp, dtype), _on_device(inputs, xp, dtype)
     fast_result = getattr(module, operation)(*fast_inputs)
     reference_result = ops.REFERENCE[operation](*reference_inputs)
     ours, theirs = _arrays([fast_result, fast_inputs]), _arrays([reference_result, reference_inputs])
     assert len(ours) == len(theirs) > 0, "the fast operation returns other things than the reference"
     for index, (a, b) in enumerate(zip(ours, theirs)):
         assert a.shape == b.shape and a.dtype == b.dtype, f"{case}: result {index}: {a.shape} {a.dtype} vs {b.shape} {b.dtype}"
-        assert relative_error(a, b) < FLOAT32_TOLERANCE, f"{case}: result {index}"
+        assert relative_error(a, b) < TOLERANCE[dtype], f"{case}: result {index}"
 
 
 def test_selection_is_made_once_by_device_dtype_and_setting():
@@ -142,19 +151,20 @@ def test_selection_is_made_once_by_device_dtype_and_setting():
 def test_whole_training_step_fast_matches_reference(fast):
     """resmlp_tiny with stochastic depth and label smoothing, three steps of the one training step: every fast
     operation at once, against the reference model from the same initialization on the same batches."""
-    device, xp, _ = fast
+    device, xp, _, dtype = fast
     rng = np.random.default_rng(0)
     images, labels = rng.normal(size=(8, 3, 32, 32)), rng.integers(0, 10, 8)
     results = {}
     for use_fast in (True, False):
-        model = create_model("resmlp_tiny", device=device, drop_path=0.2, seed=0, fast=use_fast)
+        model = create_model("resmlp_tiny", device=device, dtype=dtype, drop_path=0.2, seed=0, fast=use_fast)
         assert (model.ops.name != "reference") == use_fast
         optimizer = AdamW(model, lr=1e-3, weight_decay=0.05)
         losses = [train_step(model, optimizer, images, labels, 1e-3, NoLossScaling(), smoothing=0.1)[0]
                   for _ in range(3)]
         results[use_fast] = [xp.stack(losses), model.forward(images), model.parameters.grad, model.parameters.data]
     for name, ours, reference in zip(["losses", "logits", "gradients", "parameters"], results[True], results[False]):
-        assert relative_error(ours, reference) < 1e-4, name  # three steps of a 6-block model in float32
+        # three steps of a 6-block model: float32 rounding grows through them; float64's stays tiny
+        assert relative_error(ours, reference) < (1e-4 if dtype == np.float32 else 1e-10), name
 
 
 def test_residual_layer_matches_finite_differences():

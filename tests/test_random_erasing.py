@@ -148,8 +148,9 @@ def test_the_flags_build_what_timms_create_transform_builds():
     transform = timm.data.create_transform(32, is_training=True, re_prob=0.25, re_mode="pixel", re_count=3)
     theirs = next(t for t in transform.transforms if isinstance(t, timm_erasing.RandomErasing))
     ours = RandomErasing.from_flags(0.25, "pixel", 3)
-    assert (ours.probability, ours.min_count, ours.max_count, ours.min_area, ours.max_area, ours.log_aspect) == \
-        (theirs.probability, theirs.min_count, theirs.max_count, theirs.min_area, theirs.max_area, theirs.log_aspect_ratio)
+    assert (ours.probability, ours.min_count, ours.max_count, ours.min_area, ours.max_area, ours.log_aspect) == (
+        theirs.probability, theirs.min_count, theirs.max_count, theirs.min_area, theirs.max_area,
+        theirs.log_aspect_ratio)
     assert theirs.mode == ours.mode == "pixel" and (ours.min_count, ours.max_count) == (1, 3)
 
 
