@@ -10,7 +10,8 @@ after every step and evaluated in the model's place:
 
     1. what the average weighs: geometric weights, the window 1/(1 - decay), the lag, the noise it removes
     2. the picture on a valley of two weights: noisy steps and their average
-    3. the demo: resmlp_tiny trained briefly with noisy steps on shapes10, val loss of raw vs EMA weights
+    3. a small demo: resmlp_tiny shrunk to dim 64, depth 2, trained briefly with noisy steps on shapes10
+       drawn in memory (train.py's demo data, smaller), val loss of raw vs EMA weights
 
 Pictures: lessons/out/17_valley.png, 17_ema_training.png.
 

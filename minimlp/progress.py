@@ -16,7 +16,10 @@ instead, each a whole line, one every `every` steps and one when the total is re
 elsewhere. Before writing to one standard stream it flushes the other: stdout is block-buffered when
 redirected and stderr is not, so without this a log of both (`> log 2>&1`) comes out of order.
 """
+import errno
+import os
 import sys
+import termios
 import time
 
 from tqdm import tqdm
@@ -30,6 +33,21 @@ def is_terminal(stream):
         return bool(isatty and isatty())
     except ValueError:  # a closed stream
         return False
+
+
+def let_go_of_a_lost_terminal():
+    """After a hangup (SIGHUP: the terminal closed, an ssh connection dropped), every write to the terminal
+    fails (EIO). Point the standard streams that were that terminal at /dev/null, as nohup does, so that
+    the run can still save its checkpoint and its log line; output redirected to a file, and a terminal
+    that is still there (a SIGHUP sent with kill), are left as they are."""
+    for descriptor in (1, 2):
+        try:
+            termios.tcgetattr(descriptor)
+        except termios.error as error:
+            if error.args[0] == errno.EIO:  # a terminal that hung up (not a terminal: ENOTTY)
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, descriptor)
+                os.close(null)
 
 
 def write(line, file=None):

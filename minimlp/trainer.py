@@ -30,7 +30,7 @@ from .optim import AdamW, Lamb
 from .plot import PlotError, draw_run
 from .precision import autocast
 from .run_folder import append_log
-from .progress import Progress, track, write
+from .progress import Progress, let_go_of_a_lost_terminal, track, write
 from .random_erasing import RandomErasing
 from .schedule import lr_at
 from .step import train_step
@@ -148,6 +148,8 @@ class StopSignals:
         return self
 
     def handle(self, signum, frame):
+        if signum == signal.SIGHUP:
+            let_go_of_a_lost_terminal()
         if self.signum is None:
             self.signum = signum
             write(f"{STOP_SIGNALS[signum]}: saving a checkpoint after this step (again to quit at once)")

@@ -6,6 +6,7 @@ Runs are train.py as a user starts it (subprocesses, killed for real) or, where 
 Python itself (a write that fails, a kill at one precise line), train.main in this process. Every run is
 the small FAST configuration of test_train.py on a small shapes10 copy: seconds each.
 """
+import fcntl
 import json
 import os
 import queue
@@ -15,6 +16,7 @@ import signal
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 import zlib
@@ -273,6 +275,39 @@ def test_sigterm_then_sighup_save_and_the_resumed_run_is_exact(straight, tmp_pat
     train("--resume", folder / "checkpoint.npz")
     assert_same_run(folder, straight)
     assert "leaked" not in run.output + resumed.output  # no semaphore left to the resource tracker
+
+
+def test_a_terminal_that_hangs_up_is_let_go_and_the_run_saves(straight, tmp_path):
+    # train.py on a terminal of its own (a pseudo-terminal, the session's controlling one), which then goes
+    # away as an ssh connection drops: the kernel sends SIGHUP, and every write to the terminal fails
+    folder = tmp_path / "run"
+    data = json.loads((straight / "config.json").read_text())["data"]
+    terminal, its_end = os.openpty()
+
+    def own_session_on_the_terminal():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--data", data, *map(str, SETTINGS),
+                                "--output", str(folder)], cwd=ROOT, stdin=its_end, stdout=its_end, stderr=its_end,
+                               preexec_fn=own_session_on_the_terminal)
+    os.close(its_end)
+    shown = b""
+    try:
+        while b"train loss" not in shown:  # the end of epoch 1, drawn on the terminal
+            shown += os.read(terminal, 65536)
+    except OSError:  # the run ended early: its output says why
+        pass
+    os.close(terminal)  # the terminal hangs up
+    try:
+        code = process.wait(120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError(f"still running 120 s after the hangup:\n{shown.decode(errors='replace')}") from None
+    assert code == 128 + signal.SIGHUP, shown.decode(errors="replace")
+    assert read_meta(folder / "checkpoint.npz")["position"]["epoch"] >= 1
+    train("--resume", folder / "checkpoint.npz")
+    assert_same_run(folder, straight)
 
 
 def test_kill_9_mid_epoch_resumes_from_the_time_based_checkpoint_and_leaves_no_orphan(straight, tmp_path, runs):
