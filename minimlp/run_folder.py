@@ -98,8 +98,12 @@ class RunFolder:
 def refuse_results(path, continuing):
     found = [name for name in RESULTS if (Path(path) / name).exists()]
     if found and not continuing:
-        raise RunFolderError(f"{path} already holds another run's results ({', '.join(found)}): continue that "
-                             f"run with --resume {Path(path) / 'checkpoint.npz'}, or give another --output")
+        checkpoint = Path(path) / "checkpoint.npz"
+        what_to_do = (f"continue that run with --resume {checkpoint}" if checkpoint.exists() else
+                      "that run stopped before its first checkpoint, so it cannot be continued: remove the folder "
+                      "to start again there")
+        raise RunFolderError(f"{path} already holds another run's results ({', '.join(found)}): {what_to_do}, or "
+                             "give another --output")
 
 
 def remove_leftovers(path):

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import backend
 from .checkpoint import read_meta, save_run
+from .datasets import DataError
 from .device_feed import DeviceFeed
 from .distributed import SingleProcess
 from .distillation import distillation_loss
@@ -235,6 +236,12 @@ class Trainer:
                     raise Interrupted(f"error: {died}. Stopped at epoch {p['epoch'] + 1}, batch {p['batch']}/"
                                       f"{len(self.train_loader)} (checkpoint saved); {self.resume_hint()}",
                                       EXIT_WORKER_DIED) from None
+                except DataError as error:  # found while reading (a class with no readable image): keep the steps
+                    p = self.position
+                    self.save("checkpoint.npz")
+                    raise DataError(f"{error} Stopped at epoch {p['epoch'] + 1}, batch {p['batch']}/"
+                                    f"{len(self.train_loader)} (checkpoint saved): fix the data, then "
+                                    f"{self.resume_hint()}") from None
         return record
 
     def save_missing_best(self):
@@ -263,7 +270,7 @@ class Trainer:
                 x, y = next(batches)
             except StopIteration:
                 break
-            except WorkerDied:
+            except (WorkerDied, DataError):
                 self.read_losses(pending)  # the steps done so far, for fit's checkpoint
                 bar.close()
                 raise

@@ -352,6 +352,12 @@ def test_a_new_run_into_a_finished_runs_folder_is_refused(straight, shapes, tmp_
     line = result.stderr.strip().splitlines()[-1]
     assert str(taken) in line and "--resume" in line and "--output" in line
     assert snapshot(taken) == before
+    # a run that stopped before its first checkpoint (a kill, a full disk) left a log but nothing to resume
+    for name in ("checkpoint.npz", "best.npz"):
+        (taken / name).unlink()
+    result = train("--data", shapes, *SETTINGS, "--output", taken, check=False)
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "--resume" not in line and "remove the folder" in line, line
 
 
 def test_a_second_live_run_into_the_same_folder_is_refused(shapes, tmp_path, runs):
@@ -507,6 +513,21 @@ def test_a_class_whose_every_image_is_unreadable_stops_the_run(tmp_path, capsys)
                       "--output", folder) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("error: no image of class b in ") and "broken" in line
+    assert "(checkpoint saved): fix the data, then continue with --resume" in line  # the steps done are kept
+    assert read_meta(folder / "checkpoint.npz")["position"]["global_step"] >= 1
+
+
+def test_a_validation_class_that_cannot_be_read_keeps_the_epochs_training(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=6, size=(16, 16))
+    for path in (data / "val" / "b").iterdir():
+        path.write_bytes(b"\xff\xd8\xff not a jpeg")
+    folder = tmp_path / "run"
+    assert in_process("--data", data, "--epochs", 1, *TINY, "--batch-size", 4, "--workers", 0,
+                      "--output", folder) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and str(data / "val" / "b") in line and "(checkpoint saved)" in line
+    position = read_meta(folder / "checkpoint.npz")["position"]
+    assert (position["epoch"], position["batch"]) == (0, 3), "the epoch's training, saved before its evaluation"
 
 
 def huge_png(path, side):
