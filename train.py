@@ -246,7 +246,7 @@ def run(args, world):
                                                 else ""))
     position = None
     if checkpoint:
-        position = restore_run(checkpoint, model, optimizer, scaler, args.weight_decay, ema)
+        position = restore_run(args.resume, checkpoint, model, optimizer, scaler, args.weight_decay, ema)
         print(f"resumed from {args.resume}: epoch {position['epoch'] + 1}, batch {position['batch']}")
     if position is not None and position["epoch"] >= args.epochs:  # before anything is written
         print(f"nothing to do: the checkpoint is at epoch {position['epoch'] + 1}, batch {position['batch']}, "

@@ -82,6 +82,10 @@ def load_checkpoint(path, extra=False):
 # What train.py reads in meta, and needs to find there.
 META_KEYS = ("classes", "model", "settings")  # what any reader (--eval-only, predict.py) takes from it
 RESUME_KEYS = ("position", "drop_path_rng")  # and what --resume needs on top
+# What each of them must be: (type, the fields that readers take from it)
+META_ENTRIES = {"classes": (list, ()), "settings": (dict, ()), "drop_path_rng": (dict, ("bit_generator", "state")),
+                "model": (dict, ("name", "num_classes", "img_size", "patch_size", "dim", "depth", "layerscale_init")),
+                "position": (dict, ("epoch", "batch", "global_step", "loss_sum", "images", "seconds", "best_top1"))}
 
 
 def parse_meta(path, text, keys=META_KEYS):
@@ -95,7 +99,20 @@ def parse_meta(path, text, keys=META_KEYS):
     if missing:
         raise WeightsError(f"{path}: its 'meta' entry lacks {', '.join(missing)}: not a checkpoint written by "
                            "train.py (weights alone can be evaluated with --eval-only)")
+    check_entries(path, meta, keys)
     return meta
+
+
+def check_entries(path, meta, keys):
+    """Each of meta's `keys` is what META_ENTRIES says, or WeightsError naming the file and the entry."""
+    for key in keys:
+        kind, fields = META_ENTRIES[key]
+        value = meta[key]
+        lacking = [field for field in fields if field not in value] if isinstance(value, kind) else None
+        if lacking is None or lacking:
+            what = f"lacks {', '.join(lacking)}" if lacking else f"is not a {'list' if kind is list else 'dict'}"
+            raise WeightsError(f"{path}: the {key!r} of its 'meta' entry {what}: the file is damaged, or was not "
+                               "written by train.py")
 
 
 def read_meta(path):
@@ -119,13 +136,21 @@ def save_run(path, model, optimizer, scaler, position, classes, settings, ema=No
     save_checkpoint(path, model.state_dict(), optimizer.state_dict(), meta, extra)
 
 
-def restore_run(checkpoint, model, optimizer, scaler, weight_decay, ema=None):
-    """Put a checkpoint's state (from read_resume) into a freshly built model, optimizer, loss scaler and
+def load_weights_of(path, model, weights):
+    """model.load_state_dict(weights), its complaint naming the file they came from."""
+    try:
+        model.load_state_dict(weights)
+    except WeightsError as error:
+        raise WeightsError(f"{path}: {error}") from None
+
+
+def restore_run(path, checkpoint, model, optimizer, scaler, weight_decay, ema=None):
+    """Put a checkpoint's state (from read_resume of `path`) into a freshly built model, optimizer, loss scaler and
     EMA (--model-ema; one that the checkpoint lacks starts from its weights); returns the position to
     continue from. weight_decay: the run's --weight-decay, which wins over the checkpoint's (the flag
     defaults to it)."""
     weights, optimizer_state, meta, groups = checkpoint
-    model.load_state_dict(weights)
+    load_weights_of(path, model, weights)
     optimizer.load_state_dict(optimizer_state)
     optimizer.weight_decay = weight_decay
     model.drop_path_rng.bit_generator.state = meta["drop_path_rng"]
@@ -145,7 +170,7 @@ def restore_for_evaluation(checkpoint, path, model, use_ema=False):
     """Put the weights of a --resume file (from read_resume) into the model; with use_ema (--eval-only
     --model-ema), its average of the weights (a train.py checkpoint of a --model-ema run) in their place."""
     weights, _, _, groups = checkpoint
-    model.load_state_dict(weights)
+    load_weights_of(path, model, weights)
     if use_ema:
         if "ema" not in groups:
             raise ValueError(f"--model-ema: {path} holds no average of the weights (trained without "
@@ -169,6 +194,7 @@ def read_resume(path, eval_only=False):
     if missing:
         raise WeightsError(f"{path}: its 'meta' entry lacks {', '.join(missing)}: it cannot be resumed (it can be "
                            "evaluated with --eval-only)")
+    check_entries(path, meta, RESUME_KEYS)
     return weights, optimizer_state, meta, groups
 
 

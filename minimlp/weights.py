@@ -8,6 +8,7 @@
     blocks.i.gamma_1|gamma_2      blocks.i.ls1|ls2
     *.alpha, *.beta  [d]          *.alpha, *.beta  [1, 1, d]
 """
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,9 @@ def read_weights(path):
         except Exception as error:  # safetensors raises its own error types for bad files
             raise WeightsError(f"{path}: not a readable .safetensors file ({error})") from None
     if path.suffix == ".npz":
+        if not zipfile.is_zipfile(path):  # np.load would take it for a pickle, and say so
+            raise WeightsError(f"{path}: not a readable .npz file (not a zip archive): it is damaged, or was not "
+                               "written by numpy.savez or train.py")
         try:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {name: archive[name] for name in archive.files}

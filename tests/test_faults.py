@@ -569,16 +569,33 @@ def flat_val_dataset(root):
     return root
 
 
-def test_broken_checkpoints_are_named(shapes, tmp_path, capsys):
+def test_broken_checkpoints_are_named(shapes, straight, tmp_path, capsys):
     for meta, fragment in [("{}", "lacks classes"), ("not json", "is not JSON"), ("[1, 2]", "lacks classes")]:
         path = tmp_path / f"meta_{len(meta)}.npz"
         np.savez(path, **{"model/stem.proj.weight": np.zeros(3, np.float32)}, meta=np.array(meta))
         fails_naming(capsys, tmp_path / "out", ["--resume", path], path, fragment)
         fails_naming(capsys, tmp_path / "out", ["--eval-only", "--resume", path, "--data", shapes], path, fragment)
+    good = read_meta(straight / "checkpoint.npz")  # a real checkpoint's meta, one entry broken at a time
     unresumable = tmp_path / "unresumable.npz"
     np.savez(unresumable, **{"model/stem.proj.weight": np.zeros(3, np.float32)},
-             meta=np.array(json.dumps(dict(classes=["a"], model={}, settings={}))))
+             meta=np.array(json.dumps(dict(classes=good["classes"], model=good["model"], settings={}))))
     fails_naming(capsys, tmp_path / "out", ["--resume", unresumable], unresumable, "lacks position, drop_path_rng")
+    for key, broken, fragment in [("model", {}, "'model' of its 'meta' entry lacks name"),
+                                  ("model", "x", "'model' of its 'meta' entry is not a dict"),
+                                  ("position", {}, "'position' of its 'meta' entry lacks epoch"),
+                                  ("classes", {"a": 1}, "'classes' of its 'meta' entry is not a list")]:
+        path = tmp_path / f"broken_{key}_{type(broken).__name__}.npz"
+        np.savez(path, **{"model/stem.proj.weight": np.zeros(3, np.float32)},
+                 meta=np.array(json.dumps({**good, key: broken})))
+        fails_naming(capsys, tmp_path / "out", ["--resume", path], path, fragment)
+    not_a_zip = tmp_path / "not_a_zip.npz"
+    not_a_zip.write_bytes(b"hello")
+    for flags in (["--resume", not_a_zip], ["--eval-only", "--resume", not_a_zip, "--data", shapes]):
+        fails_naming(capsys, tmp_path / "out", flags, not_a_zip, "not a zip archive")
+    wrong_weights = tmp_path / "wrong_weights.npz"  # a sound meta, arrays of another model
+    np.savez(wrong_weights, **{"model/stem.proj.weight": np.zeros(3, np.float32)}, meta=np.array(json.dumps(good)))
+    fails_naming(capsys, tmp_path / "out", ["--resume", wrong_weights, "--data", shapes], wrong_weights,
+                 "weights do not fit")
     published = tmp_path / "model.safetensors"
     from safetensors.numpy import save_file
     save_file({"stem.proj.weight": np.zeros(3, np.float32)}, str(published))
