@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from minimlp.checkpoint import load_checkpoint, save_checkpoint
-from minimlp.datasets import load_datasets
+from minimlp.datasets import DataError, load_datasets
 from minimlp.loader import Loader
 from minimlp.synthetic import ensure_shapes_dataset
 from tests.imagetools import make_image_folder, save_image
@@ -497,9 +497,20 @@ def test_raising_epochs_on_resume_keeps_the_warmup(tmp_path):
 def test_a_symlink_loop_in_a_class_folder_adds_no_image(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=3, size=(16, 16))
     os.symlink(".", data / "train" / "a" / "again")
-    os.symlink("../b", data / "train" / "a" / "b_again")  # a link to another class's folder is followed, once
     train_set, val_set = load_datasets(data)
-    assert len(train_set) == 9 and len(val_set) == 6
+    assert len(train_set) == 6 and len(val_set) == 6
+    os.symlink(data / "b_elsewhere", data / "train" / "b" / "more")  # a link to a folder of more images of b
+    make_image_folder(tmp_path / "more", classes=("b",), per_class=2, size=(16, 16))
+    os.rename(tmp_path / "more" / "train" / "b", data / "b_elsewhere")
+    train_set, _ = load_datasets(data)
+    assert len(train_set) == 8
+
+
+def test_a_link_into_another_classs_folder_is_refused(tmp_path):
+    data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=3, size=(16, 16))
+    os.symlink("../b", data / "train" / "a" / "b_again")  # b's images would be labelled a as well
+    with pytest.raises(DataError, match=r"b_again/img0.jpg \(class a\) and .*/b/img0.jpg \(class b\) are one file"):
+        load_datasets(data)
 
 
 def test_a_class_whose_every_image_is_unreadable_stops_the_run(tmp_path, capsys):
