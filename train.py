@@ -19,7 +19,7 @@ from pathlib import Path
 
 from minimlp import backend, create_model
 from minimlp.checkpoint import (check_compatible, check_not_rewinding, read_resume, restore_for_evaluation,
-                                restore_run)
+                                restore_run, where_it_stands)
 from minimlp.command_line import ArgumentParser
 from minimlp.config import RECIPES, complete_settings, dataset_defaults
 from minimlp.datasets import DataError, load_datasets
@@ -244,18 +244,18 @@ def run(args, world):
         print(f"teacher: {teacher.description}, {args.distillation_type} distillation, alpha "
               f"{args.distillation_alpha:g}" + (f", tau {args.distillation_tau:g}" if args.distillation_type == "soft"
                                                 else ""))
-    position = None
-    if checkpoint:
-        position = restore_run(args.resume, checkpoint, model, optimizer, scaler, args.weight_decay, ema)
-        print(f"resumed from {args.resume}: epoch {position['epoch'] + 1}, batch {position['batch']}")
-    if position is not None and position["epoch"] >= args.epochs:  # before anything is written
-        print(f"nothing to do: the checkpoint is at epoch {position['epoch'] + 1}, batch {position['batch']}, "
-              f"and --epochs is {args.epochs} (give a larger --epochs to go on)")
-        return 0
     output = args.output or (args.resume.parent if args.resume else None)
     continuing = bool(args.resume) and output is not None and output.resolve() == args.resume.parent.resolve()
     if args.resume:
         check_not_rewinding(args.resume, meta, output)
+    position = None
+    if checkpoint:
+        position = restore_run(args.resume, checkpoint, model, optimizer, scaler, args.weight_decay, ema)
+        print(f"resumed from {args.resume}: at {where_it_stands(position)}")
+    if position is not None and position["epoch"] >= args.epochs:  # before anything is written
+        print(f"nothing to do: the checkpoint is at {where_it_stands(position)}, and --epochs is {args.epochs} "
+              "(give a larger --epochs to go on)")
+        return 0
     if output is None:  # rank 0 names it (data parallel)
         output = world.from_writer(lambda: new_run_folder("runs", f"{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"))
     with RunFolder.claim(output, continuing) if world.is_writer else contextlib.nullcontext():  # rank 0 writes

@@ -246,7 +246,14 @@ def check_not_rewinding(path, meta, output):
         return
     ahead, behind = read_meta(latest)["position"], meta["position"]
     if ahead["global_step"] > behind["global_step"]:
-        raise WeightsError(f"{path} stands at epoch {behind['epoch'] + 1}, batch {behind['batch']}, but {latest} "
-                           f"is further on (epoch {ahead['epoch'] + 1}, batch {ahead['batch']}): resuming would "
-                           f"rewind that run. Continue it with --resume {latest}, or branch off {Path(path).name} "
-                           "into another --output")
+        raise WeightsError(f"{path} stands at {where_it_stands(behind)}, but {latest} is further on (at "
+                           f"{where_it_stands(ahead)}): resuming would rewind that run. Continue it with --resume "
+                           f"{latest}, or branch off {Path(path).name} into another --output")
+
+
+def where_it_stands(position):
+    """A checkpoint's position in words: 'the end of epoch 3', or 'epoch 4, batch 120' inside one."""
+    epoch, batch = position["epoch"], position["batch"]
+    if batch == 0:
+        return f"the end of epoch {epoch}" if epoch else "the start"
+    return f"epoch {epoch + 1}, batch {batch}"
