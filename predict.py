@@ -28,7 +28,7 @@ from minimlp.checkpoint import is_training_checkpoint, load_checkpoint
 from minimlp.command_line import ArgumentParser
 from minimlp.datasets import IMAGE_EXTENSIONS, list_images
 from minimlp.loader import UNREADABLE_IMAGE_ERRORS
-from minimlp.model import PRESETS
+from minimlp.model import PRESETS, preset_name
 from minimlp.transforms import eval_transform, normalize
 from minimlp.weights import WeightsError, read_weights, timm_to_official
 
@@ -57,7 +57,7 @@ def parse_args(argv=None):
     a("--device", choices=["auto", "cpu", "gpu"], default="auto", help="auto (default): the GPU if CuPy and one are "
                                                                        "present")
     a("--top", type=int, default=5, help="classes shown per image (default 5)")
-    a("--model", choices=sorted(PRESETS), help="the preset the weights are for (default: the checkpoint's, or read "
+    a("--model", type=preset_name, choices=sorted(PRESETS), help="the preset the weights are for (default: the checkpoint's, or read "
                                                "from the weights' shapes)")
     a("--img-size", type=int, help="input resolution (default: the checkpoint's, or the weights': patch size x "
                                    "patches per side)")

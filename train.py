@@ -29,7 +29,7 @@ from minimlp.ema import ModelEma
 from minimlp.loader import Loader
 from minimlp.loss_scaling import LossScaler, NoLossScaling
 from minimlp.mixup import MODES as MIXUP_MODES
-from minimlp.model import PRESETS
+from minimlp.model import PRESETS, preset_name
 from minimlp.precision import AMP_DTYPE
 from minimlp.randaugment import RandAugment
 from minimlp.run_folder import RunFolder, RunFolderError, new_run_folder, trim_log, write_atomically
@@ -54,10 +54,12 @@ def parse_args(argv=None):
                "run with a checkpoint and exit code 1. Bad flags, data or checkpoints: one line, exit code 2, "
                "nothing written.")
     a = parser.add_argument
-    a("--data", type=Path, help="dataset folder with train/<class>/* and val/<class>/* (or the flat ILSVRC2012 "
+    a("--data", "--data-path", type=Path, help="dataset folder with train/<class>/* and val/<class>/* (or the flat ILSVRC2012 "
                                 "val folder with LOC_val_solution.csv beside it)")
-    a("--model", choices=sorted(PRESETS), help="model preset (default: resmlp_tiny demo, resmlp_s12 with --data)")
-    a("--img-size", type=int, help="input resolution (default: 32 demo, 224 with --data)")
+    a("--model", type=preset_name, choices=sorted(PRESETS),
+      help="model preset (default: resmlp_tiny demo, resmlp_s12 with --data); DeiT's and timm's names for the "
+           "same models work too (resmlp_12, resmlpB_24, resmlp_12_224, ...)")
+    a("--img-size", "--input-size", type=int, help="input resolution (default: 32 demo, 224 with --data)")
     a("--patch-size", type=int, help="patch size (default: the preset's: 4 tiny, 16 S12/S24/S36, 8 B24)")
     a("--crop-pct", type=float, help="eval: resize to img_size/crop_pct then center crop (default 0.875; paper 0.9)")
     a("--scale", type=float, nargs=2, metavar=("MIN", "MAX"),
@@ -139,7 +141,7 @@ def parse_args(argv=None):
     a("--save-every", type=float, metavar="MINUTES",
       help="also save checkpoint.npz every MINUTES inside an epoch, so that a kill -9 or a power cut loses at most "
            "that much (default 30; 0 = only at the end of each epoch)")
-    a("--eval-only", action="store_true", help="evaluate --resume on the val split and exit")
+    a("--eval-only", "--eval", action="store_true", help="evaluate --resume on the val split and exit")
     return parser.parse_args(argv)
 
 

@@ -24,6 +24,19 @@ PRESETS = {
     "resmlp_b24": dict(img_size=224, patch_size=8, dim=768, depth=24, layerscale_init=1e-6, num_classes=1000),
 }
 
+# The same models under DeiT's names (facebookresearch/deit resmlp_models.py) and timm's (mlp_mixer.py; its
+# distilled weights have the same architecture), so that their users' --model works as it is.
+MODEL_ALIASES = {**{f"resmlp_{depth}": f"resmlp_s{depth}" for depth in (12, 24, 36)}, "resmlpB_24": "resmlp_b24",
+                 **{f"resmlp_{depth}_{kind}224": f"resmlp_s{depth}" for depth in (12, 24, 36)
+                    for kind in ("", "distilled_")},
+                 "resmlp_big_24_224": "resmlp_b24", "resmlp_big_24_distilled_224": "resmlp_b24"}
+
+
+def preset_name(name):
+    """Our preset's name for `name`: a preset's own name, or DeiT's or timm's for the same model."""
+    return MODEL_ALIASES.get(name, name)
+
+
 BLOCK_PARAMETERS = ["gamma_1", "gamma_2", "norm1.alpha", "norm1.beta", "attn.weight", "attn.bias",
                     "norm2.alpha", "norm2.beta", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
 
@@ -32,8 +45,10 @@ def create_model(name, device="cpu", dtype="float32", seed=0, fast=True, **overr
     """A ResMLP preset by name; any of its settings (num_classes, img_size, patch_size, dim, depth,
     layerscale_init, drop_path) can be overridden. fast=False runs the reference layers only
     (minimlp.ops: the fast path of the device is chosen here, once)."""
+    name = preset_name(name)
     if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(PRESETS)} (or DeiT's or timm's name "
+                         "of one of them)")
     config = {**PRESETS[name], **{key: value for key, value in overrides.items() if value is not None}}
     return ResMLP(**config, device=device, dtype=dtype, seed=seed, name=name, fast=fast)
 

@@ -7,7 +7,7 @@ from minimlp import create_model
 from minimlp.backend import to_numpy
 from minimlp.gradcheck import numerical_gradients, relative_error
 from minimlp.losses import cross_entropy
-from minimlp.model import BLOCK_PARAMETERS, block_backward, block_forward
+from minimlp.model import BLOCK_PARAMETERS, MODEL_ALIASES, block_backward, block_forward, preset_name
 from minimlp.twins import timm, timm_twin, torch
 from minimlp.weights import WeightsError, is_affine, official_to_timm, timm_to_official
 
@@ -162,6 +162,21 @@ def test_presets_have_the_published_size(name, millions, layerscale, timm_name):
     model = create_model(name, dtype="float32")
     assert round(model.num_params() / 1e6, 2 if name == "resmlp_s12" else 1) == millions
     assert float(model.params["blocks.0.gamma_1"][0]) == np.float32(layerscale)
+    with torch.device("meta"):
+        twin = timm.create_model(timm_name)
+    shapes = {timm_key: value.shape for timm_key, value in official_to_timm(model.state_dict()).items()}
+    assert shapes == {timm_key: tuple(p.shape) for timm_key, p in twin.named_parameters()}
+
+
+@pytest.mark.parametrize("alias", sorted(MODEL_ALIASES))
+def test_deit_and_timm_names_give_the_same_model(alias):
+    # DeiT's registry (resmlp_12, resmlpB_24) and timm's (resmlp_12_224, and the older resmlp_12_distilled_224,
+    # now timm's resmlp_12_224 with its distilled weights): the preset they map to has every parameter of
+    # timm's model of that architecture
+    timm_name = {"resmlp_12": "resmlp_12_224", "resmlp_24": "resmlp_24_224", "resmlp_36": "resmlp_36_224",
+                 "resmlpB_24": "resmlp_big_24_224"}.get(alias, alias.replace("distilled_", ""))
+    model = create_model(alias, dtype="float32")
+    assert model.config["name"] == preset_name(alias) != alias
     with torch.device("meta"):
         twin = timm.create_model(timm_name)
     shapes = {timm_key: value.shape for timm_key, value in official_to_timm(model.state_dict()).items()}

@@ -129,6 +129,15 @@ def test_every_new_flag_is_validated_with_one_line_naming_it(flags, named):
     assert named in message and "\n" not in message
 
 
+def test_deits_own_flag_and_model_names_are_aliases():
+    deit = train_script.parse_args(["--model", "resmlp_12", "--data-path", "imagenet", "--input-size", "192",
+                                    "--eval", "--resume", "w.npz"])
+    ours = train_script.parse_args(["--model", "resmlp_s12", "--data", "imagenet", "--img-size", "192",
+                                    "--eval-only", "--resume", "w.npz"])
+    assert vars(deit) == vars(ours)
+    assert train_script.parse_args(["--model", "resmlp_big_24_224"]).model == "resmlp_b24"
+
+
 def test_choices_are_refused_by_the_parser(capsys):
     for flags in (["--recipe", "resmlp-s99"], ["--remode", "blur"], ["--mixup-mode", "row"],
                   ["--train-interpolation", "nearest"], ["--distillation-type", "medium"]):
