@@ -8,7 +8,7 @@
 # rows (without them only those rows fail). The parts run in this order, each under its own time limit, each
 # even when an earlier one failed, all of them within 8 minutes (BUDGET seconds, 470 by default):
 #
-#   preflight   python, CuPy, the GPU, backend.check_gpu_libraries (NVRTC, cuBLAS, a probe kernel), torch   30 s
+#   preflight   python, CuPy, the GPU, backend.check_gpu_libraries (NVRTC, cuBLAS, a probe kernel, NCCL), torch 30 s
 #   gpu-tests   pytest: the GPU test files (fused kernels, kernel compile, training, feed, AMP); junit xml 110 s
 #   xp-tests    pytest: the CuPy case of every other test parametrized over the xp fixture; junit xml       80 s
 #   gpu-checks  benchmarks/gpu_checks.py: TF32 and AMP errors vs float64, peak memory of S12 at batch 256  110 s
@@ -117,6 +117,15 @@ if status == 0:
               f"{found['cuda_runtime']}, driver {found['cuda_driver']}, NVRTC {found['nvrtc']}: --device gpu starts")
     except Exception as error:
         print(f"--device gpu starts; its properties: {type(error).__name__}: {error}")
+    try:  # what data parallel on GPUs needs; tests/test_distributed.py's NCCL tests skip without it
+        backend.check_gpu_libraries(nccl=True)
+        from cupy.cuda import nccl
+        version = nccl.get_version()  # 22105 for 2.21.5
+        found["nccl"] = f"{version // 10000}.{version // 100 % 100}.{version % 100}"
+        print("NCCL", found["nccl"], "loads: the NCCL tests run")
+    except Exception as error:
+        found["nccl"] = f"unusable: {error}"
+        print(f"NCCL: {found['nccl']} (the NCCL tests will skip)")
 with open(sys.argv[1], "w") as file:
     json.dump(found, file, indent=2)
 sys.exit(status)
