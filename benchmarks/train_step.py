@@ -161,7 +161,11 @@ def main():
               f"  {ours:7.3f} s/step  {batch_size / ours:8.1f} images/s")
         print(f"  PyTorch eager {reports['pytorch'][0]['version']} ({reports['pytorch'][0]['threads']} threads)"
               f"  {theirs:7.3f} s/step  {batch_size / theirs:8.1f} images/s")
-        print(f"  minimlp / PyTorch speed: {theirs / ours:.2f}x  (rounds: {', '.join(f'{r:.2f}x' for r in ratios)})")
+        print(f"  minimlp / PyTorch speed: {theirs / ours:.2f}x (of the medians); median of the rounds' ratios "
+              f"{statistics.median(ratios):.2f}x")
+        print("  rounds (PyTorch s / minimlp s): " + ", ".join(
+            f"{t['seconds'] / o['seconds']:.2f}x ({t['seconds']:.2f}/{o['seconds']:.2f})"
+            for o, t in zip(reports["minimlp"], reports["pytorch"])))
 
 
 if __name__ == "__main__":
