@@ -91,7 +91,8 @@ def parse_args(argv=None):
     a("--hflip", type=float, help="probability of a horizontal flip (default 0.5; 0 for digits or text)")
     a("--reprob", type=float, help="random erasing: probability per image (paper 0.25)")
     a("--remode", choices=ERASING_MODES, help="random erasing fill: pixel (per-pixel noise, default), rand, const")
-    a("--recount", type=int, help="random erasing: boxes per erased image (default 1)")
+    a("--recount", type=int, help="random erasing: at most this many boxes per erased image, 1 to N drawn as in "
+                                  "timm (default 1)")
     a("--mixup", type=float, help="Mixup alpha, 0 = off (paper 0.8)")
     a("--cutmix", type=float, help="CutMix alpha, 0 = off (paper 1.0)")
     a("--cutmix-minmax", type=float, nargs=2, metavar=("MIN", "MAX"),
