@@ -57,8 +57,8 @@ def parse_args(argv=None):
     a("--device", choices=["auto", "cpu", "gpu"], default="auto", help="auto (default): the GPU if CuPy and one are "
                                                                        "present")
     a("--top", type=int, default=5, help="classes shown per image (default 5)")
-    a("--model", type=preset_name, choices=sorted(PRESETS), help="the preset the weights are for (default: the checkpoint's, or read "
-                                               "from the weights' shapes)")
+    a("--model", type=preset_name, choices=sorted(PRESETS),
+      help="the preset the weights are for (default: the checkpoint's, or read from the weights' shapes)")
     a("--img-size", type=int, help="input resolution (default: the checkpoint's, or the weights': patch size x "
                                    "patches per side)")
     a("--crop-pct", type=float, help=f"resize to img_size / crop_pct, then center crop (default: the checkpoint's "

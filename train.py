@@ -54,8 +54,9 @@ def parse_args(argv=None):
                "run with a checkpoint and exit code 1. Bad flags, data or checkpoints: one line, exit code 2, "
                "nothing written.")
     a = parser.add_argument
-    a("--data", "--data-path", type=Path, help="dataset folder with train/<class>/* and val/<class>/* (or the flat ILSVRC2012 "
-                                "val folder with LOC_val_solution.csv beside it)")
+    a("--data", "--data-path", type=Path,
+      help="dataset folder with train/<class>/* and val/<class>/* (or the flat ILSVRC2012 val folder with "
+           "LOC_val_solution.csv beside it)")
     a("--model", type=preset_name, choices=sorted(PRESETS),
       help="model preset (default: resmlp_tiny demo, resmlp_s12 with --data); DeiT's and timm's names for the "
            "same models work too (resmlp_12, resmlpB_24, resmlp_12_224, ...)")
@@ -185,7 +186,7 @@ def run(args, world):
     args.world_size = world.size  # --batch-size is per rank; the learning-rate rules use the global batch
     meta = checkpoint[2] if checkpoint else None
     evaluate_ema = bool(args.eval_only and args.model_ema)  # asked for now, not a setting kept from the checkpoint
-    for line in complete_settings(args, meta):
+    for line in world.together(lambda: complete_settings(args, meta)):  # a bad flag: every rank says so
         print(line)
     backend.set_tf32(args.tf32)  # before any GPU work: CuPy reads it at its first float32 matmul
     world.use_local_gpu(args.device)  # rank r takes GPU local_rank of its machine
@@ -202,8 +203,8 @@ def run(args, world):
         world.barrier()
         data = ensure_shapes_dataset()
         print(f"no --data given: the demo, {args.model} on the built-in shapes10 dataset in {data}")
-    train_set, val_set = load_datasets(data)
-    for line in dataset_defaults(args, len(train_set)):
+    train_set, val_set = world.together(lambda: load_datasets(data))
+    for line in world.together(lambda: dataset_defaults(args, len(train_set))):
         if not args.eval_only:  # (training settings: nothing an evaluation uses)
             print(line)
     # every rank the same flags and code, or none starts (--workers: each machine's own cores)
@@ -214,7 +215,8 @@ def run(args, world):
     if meta is not None:
         check_compatible(args.resume, meta, vars(args), train_set.classes, args.eval_only)
     model = create_model(args.model, num_classes=len(train_set.classes), img_size=args.img_size,
-                         patch_size=args.patch_size, drop_path=args.drop_path, device=device, seed=args.seed, fast=args.fast)
+                         patch_size=args.patch_size, drop_path=args.drop_path, device=device, seed=args.seed,
+                         fast=args.fast)
     model.drop_path_shard = (world.rank, world.size)  # the rank's slice of the global batch's masks
     print(f"model: {args.model}, {model.num_params() / 1e6:.2f}M parameters, {model.num_patches} patches, "
           f"{model.ops.name} operations; "
@@ -222,7 +224,7 @@ def run(args, world):
     val_loader = Loader(val_set, args.batch_size, train=False, img_size=args.img_size, crop_pct=args.crop_pct,
                         seed=args.seed, workers=args.workers, rank=world.rank, num_replicas=world.size)
     if args.eval_only:
-        restore_for_evaluation(checkpoint, args.resume, model, use_ema=evaluate_ema)
+        restore_for_evaluation(args.resume, checkpoint, model, use_ema=evaluate_ema)
         with val_loader:
             metrics = evaluate(model, val_loader, amp=args.amp, world=world)
         print(f"{args.resume}{' (EMA)' if evaluate_ema else ''}: top-1 {metrics['val_top1']:.2f}%  "

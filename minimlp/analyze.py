@@ -167,8 +167,8 @@ def analyze(checkpoint, out_dir, layers=None):
 def main(argv=None):
     """The command line; returns the exit status (0, or 1 after a one-line error on stderr)."""
     parser = ArgumentParser(prog="python -m minimlp.analyze",
-                                     description="Draw the cross-patch matrices of a ResMLP checkpoint and "
-                                                 "measure how convolution-like and how sparse its weights are.")
+                            description="Draw the cross-patch matrices of a ResMLP checkpoint and measure how "
+                                        "convolution-like and how sparse its weights are.")
     parser.add_argument("checkpoint", help="train.py checkpoint (.npz) or published weights (.npz, .safetensors)")
     parser.add_argument("--out", required=True, help="folder for the figures, sparsity.csv and summary.txt")
     parser.add_argument("--layers", help="layers whose rows of A are drawn, e.g. 0,5,11 (default: first, "

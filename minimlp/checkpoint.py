@@ -84,7 +84,8 @@ META_KEYS = ("classes", "model", "settings")  # what any reader (--eval-only, pr
 RESUME_KEYS = ("position", "drop_path_rng")  # and what --resume needs on top
 # What each of them must be: (type, the fields that readers take from it)
 META_ENTRIES = {"classes": (list, ()), "settings": (dict, ()), "drop_path_rng": (dict, ("bit_generator", "state")),
-                "model": (dict, ("name", "num_classes", "img_size", "patch_size", "dim", "depth", "layerscale_init")),
+                "model": (dict, ("name", "num_classes", "img_size", "patch_size", "dim", "depth", "layerscale_init",
+                           "drop_path")),
                 "position": (dict, ("epoch", "batch", "global_step", "loss_sum", "images", "seconds", "best_top1"))}
 
 
@@ -166,7 +167,7 @@ def restore_run(path, checkpoint, model, optimizer, scaler, weight_decay, ema=No
     return meta["position"]
 
 
-def restore_for_evaluation(checkpoint, path, model, use_ema=False):
+def restore_for_evaluation(path, checkpoint, model, use_ema=False):
     """Put the weights of a --resume file (from read_resume) into the model; with use_ema (--eval-only
     --model-ema), its average of the weights (a train.py checkpoint of a --model-ema run) in their place."""
     weights, _, _, groups = checkpoint

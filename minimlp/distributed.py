@@ -80,6 +80,9 @@ class SingleProcess:
     def backward(self, model, dlogits):
         model.backward(dlogits)
 
+    def together(self, action):
+        return action()
+
     def all_true(self, flag):
         return bool(flag)
 
@@ -125,7 +128,7 @@ class MPIWorld:
         self.bucket_bytes, self.timeout = bucket_bytes, timeout
         self.name = f"rank {self.rank}/{self.size}"
         self.averaging = {}  # id(parameters) -> BucketedMean
-        self.all_refuse = False  # check_same found ranks that differ (every rank knows it)
+        self.all_refuse = False  # every rank failed the same check at once (together, check_same): no abort
         self.error_stream = sys.stderr
         sys.excepthook = self._abort_after_traceback
 
@@ -170,6 +173,20 @@ class MPIWorld:
         """make() on rank 0 (e.g. reading a checkpoint), its result broadcast to every rank: no shared
         filesystem needed. An error on rank 0 aborts the job (main's exit), which stops the others' wait."""
         return self.comm.bcast(make() if self.rank == 0 else None)
+
+    def together(self, action):
+        """action() on every rank, for the checks that every rank makes at start (flags, the dataset): when it
+        fails on every rank, they all end in order, each with its error (rank 0's printed), instead of
+        racing to abort the job; when it fails on some only, those abort it (exit), as any lone failure."""
+        try:
+            result, failure = action(), None
+        except Exception as error:  # re-raised below, once every rank has said how it went
+            result, failure = None, error
+        everyone_failed = all(self.comm.allgather(failure is not None))
+        if failure is not None:
+            self.all_refuse = everyone_failed
+            raise failure
+        return result
 
     def check_same(self, settings):
         """Refuse to start (ValueError, on every rank) when a rank was given other settings or runs other code

@@ -69,6 +69,8 @@ def quit_on_stop_signals():
     """Outside the training loop, SIGTERM and SIGHUP quit at once as Ctrl-C does (an exception, so that every
     `finally` runs: workers stopped, temporary files removed, the run folder's lock released)."""
     def quit_now(signum, frame):
+        if signum == signal.SIGHUP:
+            let_go_of_a_lost_terminal()  # so that saying "interrupted" on a closed terminal cannot fail
         raise QuitAtOnce(signum)
 
     previous = {number: signal.signal(number, quit_now) for number in (signal.SIGTERM, signal.SIGHUP)}
@@ -234,13 +236,13 @@ class Trainer:
                     p = self.position
                     self.save("checkpoint.npz")
                     raise Interrupted(f"error: {died}. Stopped at epoch {p['epoch'] + 1}, batch {p['batch']}/"
-                                      f"{len(self.train_loader)} (checkpoint saved); {self.resume_hint()}",
+                                      f"{len(self.train_loader)} ({self.what_was_saved()}); {self.resume_hint()}",
                                       EXIT_WORKER_DIED) from None
                 except DataError as error:  # found while reading (a class with no readable image): keep the steps
                     p = self.position
                     self.save("checkpoint.npz")
                     raise DataError(f"{error} Stopped at epoch {p['epoch'] + 1}, batch {p['batch']}/"
-                                    f"{len(self.train_loader)} (checkpoint saved): fix the data, then "
+                                    f"{len(self.train_loader)} ({self.what_was_saved()}): fix the data, then "
                                     f"{self.resume_hint()}") from None
         return record
 
@@ -252,6 +254,11 @@ class Trainer:
             return
         if not best.is_file() or read_meta(best)["position"]["epoch"] < p["epoch"]:
             self.save("best.npz")
+
+    def what_was_saved(self):
+        """After self.save() on one rank alone (its loader failed): only rank 0 writes (data parallel)."""
+        return ("checkpoint saved" if self.world.is_writer else
+                "not saved: rank 0 writes the checkpoints, and this rank's failure stops the job")
 
     def resume_hint(self):
         return f"continue with --resume {self.output / 'checkpoint.npz'}"

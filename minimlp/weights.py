@@ -66,6 +66,10 @@ def read_weights(path):
         except Exception as error:  # safetensors raises its own error types for bad files
             raise WeightsError(f"{path}: not a readable .safetensors file ({error})") from None
     if path.suffix == ".npz":
+        try:
+            open(path, "rb").close()  # a file that cannot be read is not a damaged one: say why
+        except OSError as error:
+            raise WeightsError(f"{path}: cannot be read ({error.strerror})") from None
         if not zipfile.is_zipfile(path):  # np.load would take it for a pickle, and say so
             raise WeightsError(f"{path}: not a readable .npz file (not a zip archive): it is damaged, or was not "
                                "written by numpy.savez or train.py")

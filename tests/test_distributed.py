@@ -284,6 +284,18 @@ def test_ranks_started_with_other_flags_refuse_to_start(shapes, tmp_path):
     assert not (tmp_path / "run" / "checkpoint.npz").exists()
 
 
+@needs_mpi
+@pytest.mark.parametrize("flags, error", [
+    (["--eval-only"], "error: --eval-only needs --resume CHECKPOINT_OR_WEIGHTS"),  # a flag, checked in config.py
+    (["--lr", "nan"], "error: --lr must be a finite number, got nan"),
+    (["--data", "/nonexistent"], "error: --data folder /nonexistent does not exist")])  # the dataset, on every rank
+def test_a_bad_flag_or_dataset_on_every_rank_is_one_line_and_no_abort(tmp_path, flags, error):
+    result = train(2, *FAST, *flags, "--output", tmp_path / "run", check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count(error) == 1 and "stopping every rank" not in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def start_two_ranks(shapes, output, epochs=30):
     """train.py on 2 ranks x 8, its output read line by line."""
     command = [mpiexec(), "-n", "2", sys.executable, str(ROOT / "train.py"), "--data", str(shapes), "--epochs",

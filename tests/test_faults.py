@@ -310,6 +310,35 @@ def test_a_terminal_that_hangs_up_is_let_go_and_the_run_saves(straight, tmp_path
     assert_same_run(folder, straight)
 
 
+OUTSIDE_THE_LOOP = """
+import sys, time
+from minimlp.trainer import quit_on_stop_signals
+try:
+    with quit_on_stop_signals():  # what train.py runs under while it scans the data or evaluates
+        open(sys.argv[1], "w").close()
+        time.sleep(60)
+except KeyboardInterrupt as stop:
+    print(f"interrupted ({stop})", file=sys.stderr)  # train.py's last words: they must not fail on a closed terminal
+    sys.exit(stop.exit_code)
+"""
+
+
+def test_a_terminal_that_hangs_up_outside_the_training_loop_ends_the_run_with_129(tmp_path):
+    terminal, its_end = os.openpty()
+
+    def own_session_on_the_terminal():
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    ready = tmp_path / "ready"
+    process = subprocess.Popen([sys.executable, "-c", OUTSIDE_THE_LOOP, str(ready)], cwd=ROOT, stdin=its_end,
+                               stdout=its_end, stderr=its_end, preexec_fn=own_session_on_the_terminal)
+    os.close(its_end)
+    wait_until(ready.exists, 30, "the script to start")
+    os.close(terminal)
+    assert process.wait(30) == 128 + signal.SIGHUP
+
+
 def test_kill_9_mid_epoch_resumes_from_the_time_based_checkpoint_and_leaves_no_orphan(straight, tmp_path, runs):
     folder = tmp_path / "run"
     data = json.loads((straight / "config.json").read_text())["data"]
@@ -593,6 +622,8 @@ def test_broken_checkpoints_are_named(shapes, straight, tmp_path, capsys):
     fails_naming(capsys, tmp_path / "out", ["--resume", unresumable], unresumable, "lacks position, drop_path_rng")
     for key, broken, fragment in [("model", {}, "'model' of its 'meta' entry lacks name"),
                                   ("model", "x", "'model' of its 'meta' entry is not a dict"),
+                                  ("model", {key: value for key, value in good["model"].items() if key != "drop_path"},
+                                   "'model' of its 'meta' entry lacks drop_path"),
                                   ("position", {}, "'position' of its 'meta' entry lacks epoch"),
                                   ("classes", {"a": 1}, "'classes' of its 'meta' entry is not a list")]:
         path = tmp_path / f"broken_{key}_{type(broken).__name__}.npz"

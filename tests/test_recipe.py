@@ -246,7 +246,8 @@ def test_eval_only_of_the_ema_and_distillation_from_a_trained_teacher(shapes3, w
                    "--workers", 0)
     assert "(EMA)" in result.stdout and f"top-1 {last['ema_val_top1']:.2f}%" in result.stdout
     result = train("--data", shapes3, *SMALL, "--img-size", 32, "--epochs", 1, "--output", tmp_path / "student",
-                   "--distillation-type", "hard", "--teacher-model", "resmlp_tiny", "--teacher-path", output / "best.npz")
+                   "--distillation-type", "hard", "--teacher-model", "resmlp_tiny",
+                   "--teacher-path", output / "best.npz")
     assert "teacher: resmlp_tiny (minimlp)" in result.stdout and "hard distillation, alpha 0.5" in result.stdout
     assert np.isfinite(read_log(tmp_path / "student")[0]["train_loss"])
 
