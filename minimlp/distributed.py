@@ -139,6 +139,13 @@ class MPIWorld:
             self.averaging[key] = BucketedMean(model.parameters, self._transport(model.device),
                                                **({} if self.bucket_bytes is None else
                                                   dict(bucket_bytes=self.bucket_bytes)))
+        # Each rank's dlogits is its own batch's mean gradient; the global batch's mean weighs each rank by its
+        # share of the images. The shares differ only when a loader skipped an unreadable image, but only an
+        # all-reduce of one number (each step, before backward) can tell.
+        images = dlogits.shape[0]
+        total = float(self.sum([images])[0])
+        if total != images * self.size:
+            dlogits = dlogits * (images * self.size / total)
         self.averaging[key].backward(model, dlogits)
 
     def _transport(self, device):

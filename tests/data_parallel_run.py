@@ -38,11 +38,12 @@ def main():
     parser.add_argument("--dtype", default="float64")
     parser.add_argument("--bucket-bytes", type=int, default=64 * 1024)  # small: several buckets for resmlp_tiny
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--drop-path", type=float, default=0.2)
     args = parser.parse_args()
     world = MPIWorld(bucket_bytes=args.bucket_bytes) if launched_by_mpi() else SingleProcess()
     world.use_local_gpu(args.device)
     train_set, val_set = load_datasets(args.data)
-    model = create_model("resmlp_tiny", num_classes=len(train_set.classes), img_size=16, drop_path=0.2,
+    model = create_model("resmlp_tiny", num_classes=len(train_set.classes), img_size=16, drop_path=args.drop_path,
                          dtype=args.dtype, device=args.device, seed=3)
     model.drop_path_shard = (world.rank, world.size)
     sampler = RepeatedAugmentationSampler(len(train_set), seed=3, repeats=3, num_replicas=world.size, rank=world.rank)

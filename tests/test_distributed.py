@@ -8,6 +8,7 @@ skipped elsewhere, saying so.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,9 +22,11 @@ import pytest
 from minimlp import backend, create_model
 from minimlp.allreduce import BucketedMean, bucket_ranges
 from minimlp.checkpoint import load_checkpoint
+from minimlp.datasets import load_datasets
 from minimlp.distributed import OtherRankOutput, SingleProcess, environment_without_mpi, launched_by_mpi, mpiexec
 from minimlp.loss_scaling import NoLossScaling
 from minimlp.optim import AdamW
+from minimlp.sampler import RepeatedAugmentationSampler
 from minimlp.step import train_step
 from minimlp.synthetic import ensure_shapes_dataset
 from minimlp.trainer import ERASING_STREAM, Trainer
@@ -232,6 +235,25 @@ def test_two_ranks_end_where_one_process_with_the_global_batch_ends(shapes, tmp_
     assert result_two["batches_per_epoch"] == result_one["batches_per_epoch"] == 5  # 80 images x 3 / 3 / 16
     for key in ("val_loss", "val_top1", "val_top5"):
         assert result_two[key] == pytest.approx(result_one[key], rel=1e-9 if dtype == "float64" else 1e-5)
+
+
+@needs_mpi
+def test_a_batch_made_short_by_an_unreadable_image_weighs_by_its_images(shapes, tmp_path):
+    """One training image is unreadable: some batches lose it, on one rank only. The global batch's mean
+    gradient weighs each rank by its images (drop path off: its masks are drawn for full batches)."""
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    train_set, _ = load_datasets(data)
+    fourth = RepeatedAugmentationSampler(len(train_set), seed=3, repeats=3).epoch_order(0)[3]  # the script's order
+    broken = Path(train_set.samples[fourth][0])  # in the first batch, and on rank 1 of 2
+    broken.write_bytes(b"not an image")
+    script = ROOT / "tests" / "data_parallel_run.py"
+    common = ["--data", data, "--steps", 8, "--dtype", "float64", "--drop-path", 0]
+    one = launch(1, script, tmp_path / "one", *common, "--batch-size", 16)
+    launch(2, script, tmp_path / "two", *common, "--batch-size", 8)
+    assert f"skipping unreadable image {broken}" in one.stderr
+    weights = [np.load(tmp_path / name / "weights.npz") for name in ("one", "two")]
+    assert max_difference(*weights) < 1e-12
 
 
 def train(ranks, *args, check=True):
