@@ -88,8 +88,7 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     except backend.out_of_memory_errors() as error:
-        print(f"error: the GPU ran out of memory with --batch-size {args.batch_size} ({error}): try a smaller "
-              f"--batch-size, e.g. {max(args.batch_size // 2, 1)}, or --device cpu", file=sys.stderr)
+        print(f"error: {backend.out_of_memory_advice(args.batch_size, error)}, or --device cpu", file=sys.stderr)
         return 2
 
 

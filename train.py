@@ -172,8 +172,7 @@ def run_and_report(args, world):
         print(f"error: {error}", file=sys.stderr)
         return 2
     except backend.out_of_memory_errors() as error:
-        print(f"error: the GPU ran out of memory with --batch-size {args.batch_size} ({error}): "
-              f"try a smaller --batch-size, e.g. {max(args.batch_size // 2, 1)}", file=sys.stderr)
+        print(f"error: {backend.out_of_memory_advice(args.batch_size, error)}", file=sys.stderr)
         return 2
     except OSError as error:  # a file or folder the run cannot read or write, e.g. --output without permission
         print(f"error: {error}", file=sys.stderr)

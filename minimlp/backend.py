@@ -144,6 +144,12 @@ def out_of_memory_errors():
     return (cupy.cuda.memory.OutOfMemoryError,) if cupy is not None else ()
 
 
+def out_of_memory_advice(batch_size, error):
+    """What to say when out_of_memory_errors() is caught: the batch size that did not fit, and a smaller one."""
+    return (f"the GPU ran out of memory with --batch-size {batch_size} ({error}): try a smaller --batch-size, "
+            f"e.g. {max(batch_size // 2, 1)}")
+
+
 def get_module(device):
     """The array module for 'cpu' or 'gpu' (after resolve_device)."""
     if device == "cpu":
