@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from minimlp import backend, create_model
-from minimlp.checkpoint import is_training_checkpoint, load_checkpoint
-from minimlp.command_line import ArgumentParser
-from minimlp.datasets import IMAGE_EXTENSIONS, list_images
-from minimlp.loader import UNREADABLE_IMAGE_ERRORS
+from minimlp.training.checkpoint import is_training_checkpoint, load_checkpoint
+from minimlp.training.command_line import ArgumentParser
+from minimlp.data.datasets import IMAGE_EXTENSIONS, list_images
+from minimlp.data.loader import UNREADABLE_IMAGE_ERRORS
 from minimlp.model import PRESETS, preset_name
-from minimlp.transforms import eval_transform, normalize
+from minimlp.data.transforms import eval_transform, normalize
 from minimlp.weights import WeightsError, read_weights, timm_to_official
 
 DEFAULT_CROP_PCT = 0.875  # DeiT's and timm's evaluation of ResMLP

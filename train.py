@@ -18,29 +18,29 @@ import time
 from pathlib import Path
 
 from minimlp import backend, create_model
-from minimlp.checkpoint import (check_compatible, check_not_rewinding, read_resume, restore_for_evaluation,
+from minimlp.training.checkpoint import (check_compatible, check_not_rewinding, read_resume, restore_for_evaluation,
                                 restore_run, where_it_stands)
-from minimlp.command_line import ArgumentParser
-from minimlp.config import RECIPES, complete_settings, dataset_defaults
-from minimlp.datasets import DataError, load_datasets
-from minimlp.distributed import connect
-from minimlp.distillation import KINDS as DISTILLATION_TYPES
-from minimlp.ema import ModelEma
-from minimlp.loader import Loader
+from minimlp.training.command_line import ArgumentParser
+from minimlp.training.config import RECIPES, complete_settings, dataset_defaults
+from minimlp.data.datasets import DataError, load_datasets
+from minimlp.parallel.distributed import connect
+from minimlp.training.distillation import KINDS as DISTILLATION_TYPES
+from minimlp.training.ema import ModelEma
+from minimlp.data.loader import Loader
 from minimlp.loss_scaling import LossScaler, NoLossScaling
-from minimlp.mixup import MODES as MIXUP_MODES
+from minimlp.data.mixup import MODES as MIXUP_MODES
 from minimlp.model import PRESETS, preset_name
 from minimlp.precision import AMP_DTYPE
-from minimlp.randaugment import RandAugment
-from minimlp.run_folder import RunFolder, RunFolderError, new_run_folder, trim_log, write_atomically
-from minimlp.random_erasing import MODES as ERASING_MODES
-from minimlp.sampler import RepeatedAugmentationSampler
-from minimlp.synthetic import ensure_shapes_dataset
-from minimlp.teacher import load_teacher
-from minimlp.transforms import IMAGENET_MEAN, TRAIN_INTERPOLATIONS
-from minimlp.trainer import Interrupted, Trainer, evaluate, make_optimizer, quit_on_stop_signals
+from minimlp.data.randaugment import RandAugment
+from minimlp.training.run_folder import RunFolder, RunFolderError, new_run_folder, trim_log, write_atomically
+from minimlp.data.random_erasing import MODES as ERASING_MODES
+from minimlp.data.sampler import RepeatedAugmentationSampler
+from minimlp.data.synthetic import ensure_shapes_dataset
+from minimlp.training.teacher import load_teacher
+from minimlp.data.transforms import IMAGENET_MEAN, TRAIN_INTERPOLATIONS
+from minimlp.training.trainer import Interrupted, Trainer, evaluate, make_optimizer, quit_on_stop_signals
 from minimlp.weights import WeightsError
-from minimlp.workers import WorkerDied
+from minimlp.data.workers import WorkerDied
 
 def parse_args(argv=None):
     parser = ArgumentParser(
@@ -149,7 +149,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    world = connect()  # MPIWorld under mpiexec (data parallel: minimlp.distributed), else SingleProcess
+    world = connect()  # MPIWorld under mpiexec (data parallel: minimlp.parallel.distributed), else SingleProcess
     world.quiet_other_ranks()
     return world.exit(run_and_report(args, world))
 

@@ -91,7 +91,7 @@ for name in ("torch", "timm"):  # only the PyTorch rows and the twin tests need 
             import torch
             found[name] = f"{torch.__version__}, CUDA {torch.version.cuda}, GPU seen: {torch.cuda.is_available()}"
         else:
-            from minimlp.twins import timm
+            from minimlp.tools.pytorch_references import timm
             found[name] = timm.__version__
     except Exception as error:
         found[name] = f"unusable: {type(error).__name__}: {error}"

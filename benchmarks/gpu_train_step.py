@@ -101,7 +101,7 @@ def minimlp_variant(fast, amp):
 
 def torch_variant(dtype_name=None, compile=False):
     def run(args, images, labels, weights):
-        from minimlp.twins import timm, torch  # here, so that minimlp's rows never depend on torch
+        from minimlp.tools.pytorch_references import timm, torch  # here, so that minimlp's rows never depend on torch
         if not torch.cuda.is_available():
             raise RuntimeError(f"torch {torch.__version__} sees no CUDA GPU")
         dtype = getattr(torch, dtype_name) if dtype_name else None

@@ -1,4 +1,4 @@
-"""Images/s that minimlp.loader.Loader delivers from ImageNet-sized JPEGs, with 0, 1, 2, ... worker
+"""Images/s that minimlp.data.loader.Loader delivers from ImageNet-sized JPEGs, with 0, 1, 2, ... worker
 processes (train transform: RandomResizedCrop 224 + flip, optionally RandAugment), to set against what
 the GPU consumes (benchmarks/gpu_train_step.py). Writes --images random-content JPEGs of 500x375 (the
 typical ImageNet size, quality 90) into a temporary folder, then times whole epochs after one untimed
@@ -20,10 +20,10 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from minimlp.datasets import ImageFolder  # noqa: E402
-from minimlp.loader import Loader  # noqa: E402
-from minimlp.randaugment import RandAugment  # noqa: E402
-from minimlp.transforms import TRAIN_INTERPOLATIONS  # noqa: E402
+from minimlp.data.datasets import ImageFolder  # noqa: E402
+from minimlp.data.loader import Loader  # noqa: E402
+from minimlp.data.randaugment import RandAugment  # noqa: E402
+from minimlp.data.transforms import TRAIN_INTERPOLATIONS  # noqa: E402
 
 
 def write_jpegs(folder, count, rng):

@@ -9,7 +9,7 @@ machine into ranks costs or gains; on GPUs each rank has its own. Each K runs in
 (mpiexec -n K; K = 1 is the plain process, no MPI). Reported per K: ms per step (the median of
 --steps after --warmup), images/s over all ranks, speedup and efficiency against K = 1, and the time
 of one all-reduce of the whole gradient buffer alone (no backward to hide behind), the cost the
-buckets overlap with backward (minimlp.allreduce). Synthetic images: the loader is not measured.
+buckets overlap with backward (minimlp.parallel.allreduce). Synthetic images: the loader is not measured.
 """
 import argparse
 import json
@@ -42,7 +42,7 @@ def parse_args():
 def worker(args):
     """One rank: time --steps training steps and a bare all-reduce of the gradient buffer; rank 0 prints JSON."""
     from minimlp import backend, create_model
-    from minimlp.distributed import connect
+    from minimlp.parallel.distributed import connect
     from minimlp.loss_scaling import NoLossScaling
     from minimlp.optim import AdamW
     from minimlp.step import train_step
@@ -90,7 +90,7 @@ def main():
     args = parse_args()
     if args.worker:
         return worker(args)
-    from minimlp.distributed import environment_without_mpi, mpiexec
+    from minimlp.parallel.distributed import environment_without_mpi, mpiexec
     cores = os.cpu_count()
     rows = []
     for ranks in args.ranks:

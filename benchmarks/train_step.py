@@ -6,14 +6,14 @@ and PyTorch eager, side by side on the same machine. Prints seconds per step, im
     python benchmarks/train_step.py --rows s12 --rounds 5
 
 minimlp runs its one training step (minimlp.step.train_step) with the fast path the model chooses
-(minimlp/cpu_kernels.py; `--no-fast` times the reference layers, `--no-keep-freed-memory` the fast path
+(minimlp/fast/cpu_kernels.py; `--no-fast` times the reference layers, `--no-keep-freed-memory` the fast path
 with glibc's default allocator settings); PyTorch runs timm's model with the
 same weights (`resmlp_12_224` for S12, an MlpMixer/ResBlock/Affine twin for resmlp_tiny), the same
 label smoothing and torch.optim.AdamW with the same two parameter groups.
 
 Interleaved: each round times minimlp and PyTorch once each, each side in a fresh process of its own
 (alternating which goes first), so neither inherits the other's threads, allocator state or
-environment: minimlp's thread and allocator settings (minimlp/cpu_settings.py) apply in its own process
+environment: minimlp's thread and allocator settings (minimlp/fast/cpu_settings.py) apply in its own process
 only, and PyTorch runs with its defaults. Each process does --warmup untimed steps, then --steps timed ones, and reports
 their median; a row reports the median over the rounds, and every round's ratio. A benchmark, not a
 test: it asserts nothing.
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 ENVIRONMENT = dict(os.environ)  # as given: each side's process starts from it (minimlp's settings are its own)
-import minimlp  # noqa: E402,F401  before NumPy: its thread settings (minimlp/cpu_settings.py) must come first
+import minimlp  # noqa: E402,F401  before NumPy: its thread settings (minimlp/fast/cpu_settings.py) must come first
 import numpy as np  # noqa: E402
 
 ROWS = {  # name: (minimlp model, image size, batch size, timm model or None for the built twin)
@@ -71,7 +71,8 @@ def median_step_seconds(step, warmup, steps):
 
 
 def time_minimlp(row, warmup, steps, fast, keep_freed_memory):
-    from minimlp import cpu_settings, create_model
+    from minimlp.fast import cpu_settings
+    from minimlp import create_model
     from minimlp.loss_scaling import NoLossScaling
     from minimlp.optim import AdamW
     from minimlp.step import train_step
@@ -89,7 +90,7 @@ def time_minimlp(row, warmup, steps, fast, keep_freed_memory):
 
 def time_pytorch(row, warmup, steps):
     from minimlp import create_model
-    from minimlp.twins import timm, timm_twin, torch
+    from minimlp.tools.pytorch_references import timm, timm_twin, torch
     from minimlp.weights import official_to_timm
     images, labels = batch_of(row)
     ours = create_model(ROWS[row][0], seed=0, fast=False)  # only for its weights and configuration
@@ -134,7 +135,7 @@ def main():
     parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                         help="minimlp's fast path (default) or, with --no-fast, the reference layers")
     parser.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
-                        help="the fast path's allocator setting (default; minimlp/cpu_kernels.py), or glibc's defaults")
+                        help="the fast path's allocator setting (default; minimlp/fast/cpu_kernels.py), or glibc's defaults")
     parser.add_argument("--side", choices=["minimlp", "pytorch"], help=argparse.SUPPRESS)  # one side, in a child
     args = parser.parse_args()
     if args.side:

@@ -7,11 +7,11 @@ catch such bugs:
   1. finite differences: nudge each input by +-h and watch the output (no calculus needed);
   2. PyTorch's autograd on the same function, in float64.
 
-minimlp's test suite uses both for every layer (tests/test_layers.py, helpers in minimlp/gradcheck.py).
+minimlp's test suite uses both for every layer (tests/test_layers.py, helpers in minimlp/tools/gradcheck.py).
 This lesson opens those helpers, explains the choices in them (central differences, float64, a
 random upstream gradient, relative error), shows a real bug being caught, and checks a small chain
 of layers (Linear -> GELU -> Linear -> cross-entropy) end to end. Sections 4 and 5 need PyTorch
-(minimlp.gradcheck.torch_gradients imports it).
+(minimlp.tools.gradcheck.torch_gradients imports it).
 
 Run: python lessons/07_gradient_checks.py
 """
@@ -22,7 +22,7 @@ import numpy as np
 import torch  # sections 4 and 5; a test-only dependency: pip install -r requirements-test.txt
 
 from minimlp import layers, losses
-from minimlp.gradcheck import numerical_gradients, relative_error, torch_gradients
+from minimlp.tools.gradcheck import numerical_gradients, relative_error, torch_gradients
 
 rng = np.random.default_rng(0)
 

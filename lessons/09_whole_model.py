@@ -109,7 +109,7 @@ check(pooled_grad.strides[0] == 0 and np.allclose(pooled_grad, 1 / 64), "mean_po
 # ---------------------------------------------------------------------------------------------
 heading("5. Against timm (this section needs torch and timm)")
 try:
-    from minimlp.twins import timm_twin, torch
+    from minimlp.tools.pytorch_references import timm_twin, torch
     from minimlp.weights import timm_to_official
 except ImportError as error:
     torch = None

@@ -123,11 +123,11 @@ else:
     # round more): equal to ~1e-5, not bit for bit.
     check(logits_gap < 1e-3 and grads_gap < 1e-3, "the same model gives the same logits and gradients on GPU and CPU")
 
-    # The library's fused GELU backward (minimlp.cuda_kernels): one kernel, the formula per element.
+    # The library's fused GELU backward (minimlp.fast.cuda_kernels): one kernel, the formula per element.
     # It sits beside the plain xp layers.gelu_backward, the reference it is only trusted once it
     # matches; a model built on the GPU takes it (create_model(..., fast=True), the default: see
     # minimlp/ops.py), one built with fast=False keeps the reference.
-    from minimlp import cuda_kernels
+    from minimlp.fast import cuda_kernels
     show_source(cuda_kernels.gelu_backward)
     x_gpu = cupy.asarray(np.random.default_rng(2).normal(size=196 * 128 * 1536).astype(np.float32))
     _, gpu_cache = layers.gelu_forward(x_gpu)
@@ -158,7 +158,7 @@ check(backend.to_numpy(logits_cpu).shape == (8, 10) and np.isfinite(grads_cpu).a
 #    backend's erf), which is why they run on CuPy unchanged. Now look at minimlp/model.py: where
 #    does it use np, and why is that fine? -> for host-side things: initialization drawn on the CPU
 #    (the same numbers on every device), dtypes, drop-path masks drawn with a NumPy Generator.
-# 2. Read minimlp/cuda_kernels.py's bias_gelu_forward: which arrays does it read and write, and how many
+# 2. Read minimlp/fast/cuda_kernels.py's bias_gelu_forward: which arrays does it read and write, and how many
 #    passes over memory does the plain bias_gelu_forward in layers.py make? Hint: count the xp
 #    operations in gelu_forward, plus the `x += bias`.
 # 3. In section 3, count the bytes of ONE ResMLP-S12 training step that elementwise layers move

@@ -6,7 +6,7 @@ finds that after training on ImageNet, the A's of early layers look like convolu
 layers show a spike at the patch itself plus a diffuse response, and A is sparser than the MLP's
 matrices B = fc1 and C = fc2.
 
-minimlp.analysis turns those observations into numbers, and minimlp.analyze draws the paper's
+minimlp.tools.analysis turns those observations into numbers, and minimlp.tools.analyze draws the paper's
 figure. This lesson opens both, checks the measures on matrices whose answer we know (a
 convolution, a random matrix), and applies them to the model trained in lesson 11, before and
 after training. It reads lessons/out/11_shapes_resmlp.npz, and runs lesson 11 first if that file
@@ -22,9 +22,10 @@ import sys
 
 import numpy as np
 
-from minimlp import analysis, analyze, create_model
+from minimlp.tools import analysis, analyze
 
 # ---------------------------------------------------------------------------------------------
+from minimlp import create_model
 heading("1. The measures, on matrices whose answer we know")
 show_source(analysis.sparsity)
 show_source(analysis.shifted_row_correlation)
@@ -90,7 +91,7 @@ print(f"  picture written: {path}")
 #  - Our grid is only 4x4 (16 patches of 8x8 pixels), so "local support" has little room to show,
 #    and 500 steps on 1,000 images are not ImageNet's 400 epochs: unlike the paper, A is NOT sparser
 #    than B and C here. The measures report what this model learned, not what we hoped to see.
-# For the real thing: python -m minimlp.analyze on published ResMLP weights (see analyze's docstring).
+# For the real thing: python -m minimlp.tools.analyze on published ResMLP weights (see analyze's docstring).
 
 # ---------------------------------------------------------------------------------------------
 heading("4. Check: training made A more convolution-like")
@@ -111,6 +112,6 @@ check(diagonal_minus_rest > 0, f"in layer 0 a patch weighs itself above the othe
 #    measure lesson 11's validation accuracy without retraining. -> it drops: the other layers were
 #    trained together with the learned A, not with a blur.
 # 4. Download official ResMLP-S12 weights (deit's resmlp_12_no_dist.pth, converted to .npz with
-#    torch.load and numpy.savez) and run python -m minimlp.analyze on them. -> early layers show
+#    torch.load and numpy.savez) and run python -m minimlp.tools.analyze on them. -> early layers show
 #    the convolution-like rows of the paper's Figure 3; A is much sparser than B and C.
 print("\nLesson 13 done: the cross-patch matrices learn shared, translation-equivariant patterns.")

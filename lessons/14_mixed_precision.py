@@ -24,8 +24,8 @@ from minimlp import create_model, layers, losses, precision
 from minimlp.loss_scaling import LossScaler, NoLossScaling
 from minimlp.optim import AdamW
 from minimlp.step import train_step
-from minimlp.synthetic import SHAPES_CLASSES, draw_image
-from minimlp.transforms import normalize
+from minimlp.data.synthetic import SHAPES_CLASSES, draw_image
+from minimlp.data.transforms import normalize
 
 import matplotlib.pyplot as plt  # noqa: E402  (after _lesson, which chose the file-writing backend)
 

@@ -24,13 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from minimlp import create_model, distributed, losses
-from minimlp.allreduce import BucketedMean, bucket_ranges
+from minimlp import create_model, losses
+from minimlp.parallel import distributed
+from minimlp.parallel.allreduce import BucketedMean, bucket_ranges
 from minimlp.loss_scaling import NoLossScaling
 from minimlp.optim import AdamW
 from minimlp.step import train_step
-from minimlp.synthetic import SHAPES_CLASSES, draw_image
-from minimlp.transforms import normalize
+from minimlp.data.synthetic import SHAPES_CLASSES, draw_image
+from minimlp.data.transforms import normalize
 
 RANK_FLAG = "--as-a-rank"  # section 2 starts this file again under mpiexec with this flag and a folder
 GLOBAL_BATCH, LR = 16, 1e-3
@@ -119,7 +120,7 @@ check(np.abs((12 * part_a + 4 * part_b) / 16 - whole_plain).max() < 1e-12 * larg
 
 # ---------------------------------------------------------------------------------------------
 heading("2. The same over 2 processes: mpiexec -n 2, through the library's data-parallel code")
-# train.py under mpiexec connects to an MPIWorld (minimlp.distributed) and passes it to the one
+# train.py under mpiexec connects to an MPIWorld (minimlp.parallel.distributed) and passes it to the one
 # training step as sync=world. Its backward runs the model's backward and averages the flat gradient
 # buffer in buckets, each started as soon as backward reports that its part is final:
 show_source(BucketedMean.backward)

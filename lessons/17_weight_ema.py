@@ -6,7 +6,7 @@ bottom of the valley. An average of the recent weights sits closer to the bottom
 DeiT (and ResMLP's recipe, `train.py --model-ema`) keeps such an average beside the model, updated
 after every step and evaluated in the model's place:
 
-    ema <- decay * ema + (1 - decay) * weights          (minimlp.ema.ModelEma, one flat buffer)
+    ema <- decay * ema + (1 - decay) * weights          (minimlp.training.ema.ModelEma, one flat buffer)
 
     1. what the average weighs: geometric weights, the window 1/(1 - decay), the lag, the noise it removes
     2. the picture on a valley of two weights: noisy steps and their average
@@ -25,13 +25,13 @@ import time
 import numpy as np
 
 from minimlp import create_model, losses
-from minimlp.ema import ModelEma
+from minimlp.training.ema import ModelEma
 from minimlp.loss_scaling import NoLossScaling
 from minimlp.optim import AdamW
 from minimlp.schedule import lr_at
 from minimlp.step import train_step
-from minimlp.synthetic import draw_split
-from minimlp.transforms import normalize
+from minimlp.data.synthetic import draw_split
+from minimlp.data.transforms import normalize
 
 import matplotlib.pyplot as plt  # noqa: E402  (after _lesson, which chose the file-writing backend)
 
@@ -123,7 +123,7 @@ heading("3. The demo: resmlp_tiny on shapes10, raw weights vs their EMA")
 TRAIN_PER_CLASS, VAL_PER_CLASS, STEPS, BATCH, LR, DECAY, EVERY = 150, 30, 1500, 16, 3e-3, 0.99, 50
 
 start = time.perf_counter()
-train_images, train_labels = draw_split(0, TRAIN_PER_CLASS, seed=17)  # minimlp.synthetic, as lesson 11 draws
+train_images, train_labels = draw_split(0, TRAIN_PER_CLASS, seed=17)  # minimlp.data.synthetic, as lesson 11 draws
 val_images, val_labels = draw_split(1, VAL_PER_CLASS, seed=17)
 train_x, val_x = normalize(train_images), normalize(val_images)
 model = create_model("resmlp_tiny", dim=64, depth=2, patch_size=8, seed=0)

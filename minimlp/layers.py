@@ -6,7 +6,7 @@
 `cache` holds exactly what backward needs. Backward functions return fresh gradient arrays;
 the model decides where they go. Every function works on NumPy and CuPy arrays alike: the array
 module is taken from the data (`get_xp`). This file is only the math: fast paths that do the same in
-fewer passes (minimlp.cuda_kernels, minimlp.cpu_kernels) live beside it, and minimlp.ops chooses
+fewer passes (minimlp.fast.cuda_kernels, minimlp.fast.cpu_kernels) live beside it, and minimlp.ops chooses
 between them once, when a model is built.
 
 Layout. Inside the model, activations are `tokens` of shape (N, B, d): patch, image, channel.
@@ -196,7 +196,7 @@ def drop_path_backward(dy, mask):
 
 # ---------------------------------------------------------------------------------------------
 # The end of a residual branch: its Linear's bias, LayerScale, drop path, and the add to the skip path.
-# One layer so that a fast path can do it in one pass (minimlp.cuda_kernels); here it is those layers in a row.
+# One layer so that a fast path can do it in one pass (minimlp.fast.cuda_kernels); here it is those layers in a row.
 # ---------------------------------------------------------------------------------------------
 def residual_forward(x, branch, bias, gamma, mask=None):
     # y = x + mask * gamma * (branch + b)    (N, B, d); b broadcasts, (N, 1, 1) or (d,); mask (B,) or None

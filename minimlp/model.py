@@ -194,7 +194,7 @@ class ResMLP:
         backward once per forward). Returns dimages (B, C, H, W) if need_dimages, else None.
         grads_ready(offset), if given, is called as soon as parameters.grad[offset:] is final: backward fills
         the flat buffer from its end (head, norm, blocks N-1 .. 0) to its start (patch_embed), so data
-        parallel training can start averaging the end while the rest is computed (minimlp.allreduce)."""
+        parallel training can start averaging the end while the rest is computed (minimlp.parallel.allreduce)."""
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first")
         embed, blocks, norm, pool, head = self._cache

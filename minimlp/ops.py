@@ -5,8 +5,8 @@ minimlp.losses and the optimizer update of minimlp.optim. A fast path is a modul
 the same functions, with the same signatures and the same results (caches included), doing the work
 in fewer passes over memory:
 
-    minimlp.cuda_kernels   fused CUDA kernels, for CuPy arrays on the GPU
-    minimlp.cpu_kernels    fused, multi-threaded loops compiled by Numba, for NumPy arrays on the CPU
+    minimlp.fast.cuda_kernels   fused CUDA kernels, for CuPy arrays on the GPU
+    minimlp.fast.cpu_kernels    fused, multi-threaded loops compiled by Numba, for NumPy arrays on the CPU
 
 `select(device, dtype, fast)` starts from the reference and replaces what the device's fast module
 offers (its OPERATIONS). The model keeps the result as `model.ops`; nothing tests for a fast path on
@@ -31,7 +31,7 @@ REFERENCE = dict(
     softmax_cross_entropy=losses.softmax_cross_entropy, adamw_update=optim.adamw_update,
 )
 REFERENCE_OPERATIONS = SimpleNamespace(name="reference", **REFERENCE)
-FAST_MODULES = {"gpu": "minimlp.cuda_kernels", "cpu": "minimlp.cpu_kernels"}
+FAST_MODULES = {"gpu": "minimlp.fast.cuda_kernels", "cpu": "minimlp.fast.cpu_kernels"}
 
 
 def fast_module(device, dtype):

@@ -6,13 +6,13 @@ this one function: the trainer, the benchmarks, the tests and the lessons.
 
 `images` is a normalized float batch (B, C, H, W) on any device (it is moved to the model's);
 `targets` class indices (B,) or probabilities (B, C) (soft targets, e.g. from Mixup/CutMix).
-`sync`, data parallel (minimlp.distributed): averages the gradients over the ranks as backward produces
+`sync`, data parallel (minimlp.parallel.distributed): averages the gradients over the ranks as backward produces
 them, and makes one skip decision for all ranks, before clipping and the optimizer; the default is
 the one-process stand-in that does neither.
 `criterion`, when given, replaces the loss: a callable (logits, targets) -> (loss, dlogits), e.g. DeiT's
-distillation loss (minimlp.distillation); `smoothing` is then the criterion's business, not the step's.
+distillation loss (minimlp.training.distillation); `smoothing` is then the criterion's business, not the step's.
 """
-from .distributed import SingleProcess
+from .parallel.distributed import SingleProcess
 from .losses import smoothed_targets
 from .optim import clip_grad_norm
 from .precision import autocast

@@ -18,15 +18,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minimlp import create_model  # noqa: E402
-from minimlp.datasets import load_datasets  # noqa: E402
-from minimlp.device_feed import DeviceFeed  # noqa: E402
-from minimlp.distributed import MPIWorld, launched_by_mpi, SingleProcess  # noqa: E402
-from minimlp.loader import Loader  # noqa: E402
+from minimlp.data.datasets import load_datasets  # noqa: E402
+from minimlp.data.device_feed import DeviceFeed  # noqa: E402
+from minimlp.parallel.distributed import MPIWorld, launched_by_mpi, SingleProcess  # noqa: E402
+from minimlp.data.loader import Loader  # noqa: E402
 from minimlp.loss_scaling import NoLossScaling  # noqa: E402
 from minimlp.optim import AdamW  # noqa: E402
-from minimlp.sampler import RepeatedAugmentationSampler  # noqa: E402
+from minimlp.data.sampler import RepeatedAugmentationSampler  # noqa: E402
 from minimlp.step import train_step  # noqa: E402
-from minimlp.trainer import evaluate  # noqa: E402
+from minimlp.training.trainer import evaluate  # noqa: E402
 
 
 def main():

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from minimlp.transforms import to_chw, to_rgb
+from minimlp.data.transforms import to_chw, to_rgb
 
 # The file format each mode is saved in by default (JPEG cannot hold alpha, palettes or 16 bits).
 DEFAULT_EXTENSION = {"RGB": ".jpg", "L": ".jpg", "CMYK": ".jpg", "P": ".png", "RGBA": ".png",

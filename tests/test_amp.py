@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from minimlp import create_model
-from minimlp.checkpoint import load_checkpoint, save_checkpoint
+from minimlp.training.checkpoint import load_checkpoint, save_checkpoint
 from minimlp.loss_scaling import LossScaler, NoLossScaling
 from minimlp.optim import AdamW
 from minimlp.precision import AMP_DTYPE, autocast, matmul
@@ -129,7 +129,7 @@ def test_amp_steps_follow_float32_steps():
 def test_amp_run_resumes_exactly_with_its_loss_scale(tmp_path):
     """An --amp checkpoint carries the loss scaler: a run stopped by Ctrl-C and resumed ends exactly where an
     uninterrupted one ends, and a resumed run continues with the checkpoint's scale and counts."""
-    from minimlp.synthetic import ensure_shapes_dataset
+    from minimlp.data.synthetic import ensure_shapes_dataset
     shapes = ensure_shapes_dataset(tmp_path / "cache", train_per_class=24, val_per_class=6)
     settings = ["--data", shapes, "--epochs", 3, *FAST, "--amp"]
     train(*settings, "--output", tmp_path / "straight")

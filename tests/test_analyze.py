@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from minimlp import create_model
-from minimlp.analysis import (convolution_likeness, measure_layers, patch_grid_side, self_weight_ratio,
+from minimlp.tools.analysis import (convolution_likeness, measure_layers, patch_grid_side, self_weight_ratio,
                               shifted_row_correlation, sparsity)
-from minimlp.analyze import main
+from minimlp.tools.analyze import main
 from minimlp.weights import official_to_timm
 
 DEPTH = 3
@@ -148,7 +148,7 @@ def test_command_draws_the_chosen_layers(checkpoints, tmp_path):
 
 
 def test_command_line_entry_point(checkpoints, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "minimlp.analyze", str(checkpoints["timm safetensors"]),
+    result = subprocess.run([sys.executable, "-m", "minimlp.tools.analyze", str(checkpoints["timm safetensors"]),
                              "--out", str(tmp_path), "--layers", "0,2"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "cross_patch_layer_2.png").is_file()
@@ -200,14 +200,14 @@ def test_errors_are_one_line(case, checkpoints, tmp_path, capsys):
     path = make_path(tmp_path, checkpoints)
     assert main([str(path), "--out", str(tmp_path / "out"), *extra_args]) == 1
     captured = capsys.readouterr()
-    assert captured.err.startswith("minimlp.analyze: error: ")
+    assert captured.err.startswith("minimlp.tools.analyze: error: ")
     assert message in captured.err
     assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
     assert not (tmp_path / "out").exists()  # nothing written for a failed run
 
 
 def test_error_exit_status_from_the_command_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "minimlp.analyze", str(tmp_path / "nowhere.npz"),
+    result = subprocess.run([sys.executable, "-m", "minimlp.tools.analyze", str(tmp_path / "nowhere.npz"),
                              "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

@@ -7,15 +7,15 @@ import pytest
 import scipy.io
 from PIL import Image, JpegImagePlugin
 
-from minimlp import synthetic
+from minimlp.data import synthetic
 from minimlp.backend import to_numpy
-from minimlp.datasets import DataError, load_datasets, load_train
-from minimlp.loader import Loader
-from minimlp.randaugment import RandAugment
-from minimlp.sampler import RepeatedAugmentationSampler
-from minimlp.transforms import (IMAGENET_MEAN, IMAGENET_STD, eval_crop_box, eval_resize_size, eval_transform,
+from minimlp.data.datasets import DataError, load_datasets, load_train
+from minimlp.data.loader import Loader
+from minimlp.data.randaugment import RandAugment
+from minimlp.data.sampler import RepeatedAugmentationSampler
+from minimlp.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, eval_crop_box, eval_resize_size, eval_transform,
                                 normalize, random_resized_crop_box, to_chw, train_transform)
-from minimlp.twins import timm, torch, torchvision
+from minimlp.tools.pytorch_references import timm, torch, torchvision
 from tests.imagetools import load_rgb, make_image, make_image_folder, save_image, smooth_rgb
 
 

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from minimlp import device_feed
+from minimlp.data import device_feed
 from minimlp.backend import to_numpy
-from minimlp.device_feed import DeviceFeed
-from minimlp.transforms import normalize
+from minimlp.data.device_feed import DeviceFeed
+from minimlp.data.transforms import normalize
 
 
 def host_batches(sizes, img_size=8):

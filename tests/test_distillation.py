@@ -3,9 +3,9 @@ timm's criteria as the base loss, against ours: the loss and d loss / d logits, 
 import numpy as np
 import pytest
 
-from minimlp.distillation import distillation_loss
-from minimlp.gradcheck import numerical_gradients, relative_error
-from minimlp.twins import timm, torch  # noqa: F401
+from minimlp.training.distillation import distillation_loss
+from minimlp.tools.gradcheck import numerical_gradients, relative_error
+from minimlp.tools.pytorch_references import timm, torch  # noqa: F401
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 
 F = torch.nn.functional

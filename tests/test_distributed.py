@@ -1,4 +1,4 @@
-"""Data parallel (minimlp.distributed, minimlp.allreduce): K ranks x batch b against one process x K*b.
+"""Data parallel (minimlp.parallel.distributed, minimlp.parallel.allreduce): K ranks x batch b against one process x K*b.
 
 The MPI tests launch `mpiexec -n 2` themselves (the mpich wheel's, beside this Python), so `python -m
 pytest` stays the one test command. On the CPU the gradients travel by MPI's Iallreduce; the NCCL path
@@ -20,16 +20,16 @@ import numpy as np
 import pytest
 
 from minimlp import backend, create_model
-from minimlp.allreduce import BucketedMean, bucket_ranges
-from minimlp.checkpoint import load_checkpoint
-from minimlp.datasets import load_datasets
-from minimlp.distributed import OtherRankOutput, SingleProcess, environment_without_mpi, launched_by_mpi, mpiexec
+from minimlp.parallel.allreduce import BucketedMean, bucket_ranges
+from minimlp.training.checkpoint import load_checkpoint
+from minimlp.data.datasets import load_datasets
+from minimlp.parallel.distributed import OtherRankOutput, SingleProcess, environment_without_mpi, launched_by_mpi, mpiexec
 from minimlp.loss_scaling import NoLossScaling
 from minimlp.optim import AdamW
-from minimlp.sampler import RepeatedAugmentationSampler
+from minimlp.data.sampler import RepeatedAugmentationSampler
 from minimlp.step import train_step
-from minimlp.synthetic import ensure_shapes_dataset
-from minimlp.trainer import ERASING_STREAM, Trainer
+from minimlp.data.synthetic import ensure_shapes_dataset
+from minimlp.training.trainer import ERASING_STREAM, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--model", "resmlp_tiny", "--img-size", "16", "--warmup-epochs", "0", "--lr", "3e-3", "--scale", "0.5", "1",
@@ -198,7 +198,7 @@ def test_other_ranks_print_only_warnings_and_keep_their_last_line():
 # ---------------------------------------------------------------------------------------------
 AGREEMENT = """
 import pathlib, sys
-from minimlp.distributed import MPIWorld
+from minimlp.parallel.distributed import MPIWorld
 world = MPIWorld()
 finite = world.all_true(world.rank == 0)  # rank 1 saw inf/NaN: every rank skips the step
 stop = world.max(15 if world.rank == 1 else 0)  # rank 1 received SIGTERM: every rank stops
@@ -397,7 +397,7 @@ def test_nccl_buckets_on_one_gpu_average_to_the_gradient():
     from cupy.cuda import nccl
     if not nccl.available:
         pytest.skip("CuPy finds no NCCL library: pip install nvidia-nccl-cu12")
-    from minimlp.allreduce import NCCLAllreduce
+    from minimlp.parallel.allreduce import NCCLAllreduce
 
     import cupy
     transport = NCCLAllreduce(1, 0, nccl.get_unique_id(), timeout=60, on_timeout=pytest.fail)

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from minimlp.backend import to_numpy
-from minimlp.ema import ModelEma
+from minimlp.training.ema import ModelEma
 from minimlp.parameters import Parameters
-from minimlp.twins import timm, torch
+from minimlp.tools.pytorch_references import timm, torch
 
 SHAPES = {"weight": (4, 3), "bias": (4,), "gamma": (2, 2, 3)}
 

@@ -1,4 +1,4 @@
-"""Every fast path (minimlp.cuda_kernels on the GPU, minimlp.cpu_kernels on the CPU) against the reference
+"""Every fast path (minimlp.fast.cuda_kernels on the GPU, minimlp.fast.cpu_kernels on the CPU) against the reference
 operations it replaces (minimlp.ops.REFERENCE), on the same inputs, on every device where it can run.
 
 Each case calls the fast function and the reference function on fresh copies of the same inputs, in
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from minimlp import backend, create_model, ops
-from minimlp.gradcheck import numerical_gradients, relative_error
+from minimlp.tools.gradcheck import numerical_gradients, relative_error
 from minimlp.layers import gelu_forward, residual_backward, residual_forward
 from minimlp.loss_scaling import NoLossScaling
 from minimlp.optim import AdamW

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minimlp.checkpoint import load_checkpoint, save_checkpoint
-from minimlp.datasets import DataError, load_datasets
-from minimlp.loader import Loader
-from minimlp.synthetic import ensure_shapes_dataset
+from minimlp.training.checkpoint import load_checkpoint, save_checkpoint
+from minimlp.data.datasets import DataError, load_datasets
+from minimlp.data.loader import Loader
+from minimlp.data.synthetic import ensure_shapes_dataset
 from tests.imagetools import make_image_folder, save_image
 from tests.test_train import FAST, ROOT, TINY, read_log, train
 
@@ -213,7 +213,7 @@ class DyingSettings:
 
 
 def test_a_batch_that_keeps_killing_its_worker_names_it_quickly(tmp_path):
-    from minimlp.workers import WorkerDied
+    from minimlp.data.workers import WorkerDied
     make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=2, size=(16, 16))
     train_set, _ = load_datasets(tmp_path / "data")
     loader = Loader(train_set, 2, train=False, img_size=16, workers=1)
@@ -227,8 +227,8 @@ def test_a_batch_that_keeps_killing_its_worker_names_it_quickly(tmp_path):
 def test_a_worker_that_keeps_dying_stops_the_run_with_a_checkpoint_at_the_last_step(shapes, tmp_path):
     """The trainer's side: the loader gives up (WorkerDied) in the middle of epoch 1."""
     from minimlp import create_model
-    from minimlp.trainer import EXIT_WORKER_DIED, Interrupted, Trainer, make_optimizer
-    from minimlp.workers import WorkerDied
+    from minimlp.training.trainer import EXIT_WORKER_DIED, Interrupted, Trainer, make_optimizer
+    from minimlp.data.workers import WorkerDied
     train_set, val_set = load_datasets(shapes)
     loader = Loader(train_set, 16, train=True, img_size=16, workers=0)
 
@@ -312,7 +312,7 @@ def test_a_terminal_that_hangs_up_is_let_go_and_the_run_saves(straight, tmp_path
 
 OUTSIDE_THE_LOOP = """
 import sys, time
-from minimlp.trainer import quit_on_stop_signals
+from minimlp.training.trainer import quit_on_stop_signals
 try:
     with quit_on_stop_signals():  # what train.py runs under while it scans the data or evaluates
         open(sys.argv[1], "w").close()
@@ -504,7 +504,7 @@ def test_resume_from_best_beside_a_newer_checkpoint_is_refused(straight, tmp_pat
 
 def test_raising_epochs_on_resume_keeps_the_warmup(tmp_path):
     from minimlp import create_model
-    from minimlp.trainer import Trainer, make_optimizer
+    from minimlp.training.trainer import Trainer, make_optimizer
     make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=8, size=(16, 16))
     train_set, _ = load_datasets(tmp_path / "data")
     loader = Loader(train_set, 4, train=True, img_size=16, workers=0)  # 4 steps per epoch

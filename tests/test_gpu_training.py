@@ -20,13 +20,13 @@ import pytest
 
 from minimlp import create_model
 from minimlp.backend import gpu_available
-from minimlp.checkpoint import load_checkpoint
-from minimlp.device_feed import DeviceFeed
-from minimlp.loader import Loader
+from minimlp.training.checkpoint import load_checkpoint
+from minimlp.data.device_feed import DeviceFeed
+from minimlp.data.loader import Loader
 from minimlp.loss_scaling import LossScaler, NoLossScaling
 from minimlp.optim import AdamW
 from minimlp.step import train_step
-from minimlp.synthetic import ensure_shapes_dataset
+from minimlp.data.synthetic import ensure_shapes_dataset
 from tests.conftest import GPU_SKIP_REASON
 from tests.imagetools import save_image
 from tests.test_train import FAST, read_log, train

@@ -1,4 +1,4 @@
-"""Every fused CUDA kernel (minimlp.cuda_kernels) compiles for sm_90 with NVRTC, on a machine with no GPU.
+"""Every fused CUDA kernel (minimlp.fast.cuda_kernels) compiles for sm_90 with NVRTC, on a machine with no GPU.
 
 CuPy writes a kernel's CUDA source at its first launch, from the arguments it is given: their dtypes, their
 number of dimensions after CuPy merges contiguous axes, contiguity, broadcasting, and whether 32-bit offsets
@@ -52,7 +52,8 @@ from cupy._core import _carray, _kernel, _reduction, _scalar, internal  # noqa: 
 from cupy._core import core as cupy_core  # noqa: E402
 from cupy.cuda import compiler  # noqa: E402
 
-from minimlp import backend, create_model, cuda_kernels  # noqa: E402
+from minimlp import backend, create_model  # noqa: E402
+from minimlp.fast import cuda_kernels
 from minimlp.loss_scaling import NoLossScaling  # noqa: E402
 from minimlp.optim import AdamW  # noqa: E402
 from minimlp.step import train_step  # noqa: E402
@@ -459,7 +460,7 @@ def test_every_kernel_compiles_for_sm90(dtype, wide, recording, monkeypatch):
             continue
         assert cubin[:4] == b"\x7fELF", f"{function}: NVRTC returned no cubin"
         compiled.add(function)
-    assert not failures, f"{len(failures)} kernel(s) of minimlp/cuda_kernels.py do not compile for sm_{ARCH}:\n\n" \
+    assert not failures, f"{len(failures)} kernel(s) of minimlp/fast/cuda_kernels.py do not compile for sm_{ARCH}:\n\n" \
         + "\n\n".join(failures)
     assert compiled, "no kernel was launched"
 
@@ -478,7 +479,7 @@ def test_a_training_step_launches_every_kernel(recording, monkeypatch):
     """Every kernel that cuda_kernels defines is among those compiled above (both dtypes together)."""
     launched = {launch.function for dtype in DTYPES for launch in launches_of(dtype, recording, monkeypatch)}
     defined = defined_kernel_functions(recording)
-    assert defined, "no kernel factory found in minimlp/cuda_kernels.py"
+    assert defined, "no kernel factory found in minimlp/fast/cuda_kernels.py"
     assert defined <= launched, f"defined but never launched by a training step: {sorted(defined - launched)}"
     assert {name for name, _, _ in operation_calls(DTYPES[0])} == set(cuda_kernels.OPERATIONS)
 

@@ -4,8 +4,8 @@ import pytest
 
 from minimlp import layers
 from minimlp.backend import get_xp, to_numpy
-from minimlp.gradcheck import numerical_gradients, relative_error, torch_gradients
-from minimlp.twins import timm, torch
+from minimlp.tools.gradcheck import numerical_gradients, relative_error, torch_gradients
+from minimlp.tools.pytorch_references import timm, torch
 
 F = torch.nn.functional
 PATCHES, IMAGES, DIM, HIDDEN = 6, 3, 5, 7  # small, and all different so a swapped axis cannot pass

@@ -3,9 +3,9 @@ differences, and stability for large logits."""
 import numpy as np
 import pytest
 
-from minimlp.gradcheck import numerical_gradients, relative_error
+from minimlp.tools.gradcheck import numerical_gradients, relative_error
 from minimlp.losses import cross_entropy
-from minimlp.twins import torch
+from minimlp.tools.pytorch_references import torch
 
 F = torch.nn.functional
 

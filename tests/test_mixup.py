@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from minimlp import mixup as ours
+from minimlp.data import mixup as ours
 from minimlp.backend import to_numpy
-from minimlp.twins import torch  # noqa: F401  (and timm through the torchvision workaround)
+from minimlp.tools.pytorch_references import torch  # noqa: F401  (and timm through the torchvision workaround)
 import timm.data.mixup as timm_mixup  # noqa: E402
 
 

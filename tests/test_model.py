@@ -5,10 +5,10 @@ import pytest
 
 from minimlp import create_model
 from minimlp.backend import to_numpy
-from minimlp.gradcheck import numerical_gradients, relative_error
+from minimlp.tools.gradcheck import numerical_gradients, relative_error
 from minimlp.losses import cross_entropy
 from minimlp.model import BLOCK_PARAMETERS, MODEL_ALIASES, block_backward, block_forward, preset_name
-from minimlp.twins import timm, timm_twin, torch
+from minimlp.tools.pytorch_references import timm, timm_twin, torch
 from minimlp.weights import WeightsError, is_affine, official_to_timm, timm_to_official
 
 SMALL = dict(num_classes=7, img_size=16, patch_size=4, dim=12, depth=2)  # 16 patches, 48 hidden

@@ -8,13 +8,13 @@ import pytest
 
 from minimlp import create_model, ops
 from minimlp.backend import to_numpy
-from minimlp.gradcheck import relative_error
+from minimlp.tools.gradcheck import relative_error
 from minimlp.loss_scaling import NoLossScaling
 from minimlp.optim import AdamW, Lamb, clip_grad_norm
 from minimlp.parameters import Parameters
 from minimlp.schedule import lr_at
 from minimlp.step import train_step
-from minimlp.twins import timm, timm_twin, torch
+from minimlp.tools.pytorch_references import timm, timm_twin, torch
 from minimlp.weights import official_to_timm
 
 # matrices and a conv-like kernel take weight decay, the 1-D tensors do not

@@ -1,4 +1,4 @@
-"""minimlp.plot: curves.png from a run's log.jsonl, comparisons of runs, and logs it must read or refuse."""
+"""minimlp.training.plot: curves.png from a run's log.jsonl, comparisons of runs, and logs it must read or refuse."""
 import json
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minimlp import plot
+from minimlp.training import plot
 
 
 def write_log(folder, epochs=6, lr=3e-3, start=1, mode="w"):
@@ -76,4 +76,4 @@ def test_logs_that_cannot_be_drawn_are_one_line_and_exit_status_2(tmp_path, caps
             log.write(json.dumps(dict(epoch=2, train_loss=1.0, val_loss=1.0, lr=1e-3)) + "\n")
     assert plot.main([str(run)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("minimlp.plot: error: ") and message in err
+    assert err.count("\n") == 1 and err.startswith("minimlp.training.plot: error: ") and message in err

@@ -10,8 +10,8 @@ from safetensors.numpy import save_file
 import predict
 from minimlp import create_model
 from minimlp.backend import to_numpy
-from minimlp.checkpoint import save_checkpoint
-from minimlp.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from minimlp.training.checkpoint import save_checkpoint
+from minimlp.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from minimlp.weights import official_to_timm
 from tests.imagetools import DEFAULT_EXTENSION, save_image
 

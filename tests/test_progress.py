@@ -1,12 +1,12 @@
-"""minimlp.progress: whole plain lines when output is not a terminal, tqdm bars when it is, warnings always
+"""minimlp.training.progress: whole plain lines when output is not a terminal, tqdm bars when it is, warnings always
 on lines of their own."""
 import io
 import subprocess
 import sys
 from pathlib import Path
 
-from minimlp import progress
-from minimlp.progress import Progress, track, write
+from minimlp.training import progress
+from minimlp.training.progress import Progress, track, write
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,7 +73,7 @@ def test_on_a_terminal_it_is_a_tqdm_bar_and_a_written_line_stays_whole():
 
 def test_redirected_output_of_both_streams_keeps_its_order(tmp_path):
     """stdout is block-buffered when redirected, stderr is not: write() flushes the other stream first."""
-    script = ("import sys\nfrom minimlp.progress import Progress, write\n"
+    script = ("import sys\nfrom minimlp.training.progress import Progress, write\n"
               "print('output: runs/x')\n"
               "bar = Progress(4, 'epoch 1/1', every=2)\n"
               "for step in range(4):\n"

@@ -7,9 +7,9 @@ import pytest
 import scipy.stats
 from PIL import Image
 
-from minimlp.randaugment import (OPS, RAND_INCREASING_OPS, RAND_OPS, RandAugment, apply_op, op_argument,
+from minimlp.data.randaugment import (OPS, RAND_INCREASING_OPS, RAND_OPS, RandAugment, apply_op, op_argument,
                                  parse_config)
-from minimlp.twins import timm  # noqa: F401  (imports timm.data through the torchvision workaround)
+from minimlp.tools.pytorch_references import timm  # noqa: F401  (imports timm.data through the torchvision workaround)
 from timm.data import auto_augment as timm_aa  # noqa: E402
 
 IMG_MEAN = (0.485, 0.456, 0.406)

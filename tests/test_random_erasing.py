@@ -7,8 +7,8 @@ import pytest
 import scipy.stats
 
 from minimlp.backend import to_numpy
-from minimlp.random_erasing import RandomErasing
-from minimlp.twins import torch  # noqa: F401  (and timm through the torchvision workaround)
+from minimlp.data.random_erasing import RandomErasing
+from minimlp.tools.pytorch_references import torch  # noqa: F401  (and timm through the torchvision workaround)
 import timm.data  # noqa: E402
 import timm.data.random_erasing as timm_erasing  # noqa: E402
 

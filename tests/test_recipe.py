@@ -13,10 +13,10 @@ import pytest
 
 import train as train_script
 from minimlp import create_model
-from minimlp.checkpoint import load_checkpoint
-from minimlp.config import LARGE_DATASET, complete_settings, dataset_defaults
-from minimlp.synthetic import ensure_shapes_dataset
-from minimlp.teacher import load_teacher
+from minimlp.training.checkpoint import load_checkpoint
+from minimlp.training.config import LARGE_DATASET, complete_settings, dataset_defaults
+from minimlp.data.synthetic import ensure_shapes_dataset
+from minimlp.training.teacher import load_teacher
 from minimlp.weights import WeightsError
 from tests.imagetools import make_image_folder
 from tests.test_train import read_log, train
@@ -163,7 +163,7 @@ def test_a_minimlp_teacher_gives_its_models_logits(tmp_path):
 
 
 def test_a_pytorch_teacher_runs_a_timm_model_on_the_same_batch(tmp_path):
-    from minimlp.twins import timm, torch
+    from minimlp.tools.pytorch_references import timm, torch
     reference = timm.create_model("test_resnet", num_classes=5).eval()
     torch.save({"model": reference.state_dict()}, tmp_path / "deit_style.pth")  # DeiT's teacher checkpoints
     teacher = load_teacher("test_resnet", tmp_path / "deit_style.pth", num_classes=5, img_size=32, device="cpu")

@@ -3,8 +3,8 @@ same indices on every rank; the shards of K ranks interleave into the one-proces
 import numpy as np
 import pytest
 
-from minimlp.sampler import RepeatedAugmentationSampler, samples_per_rank
-from minimlp.twins import torch  # noqa: F401  (and timm through the torchvision workaround)
+from minimlp.data.sampler import RepeatedAugmentationSampler, samples_per_rank
+from minimlp.tools.pytorch_references import torch  # noqa: F401  (and timm through the torchvision workaround)
 from timm.data.distributed_sampler import RepeatAugSampler  # noqa: E402
 
 

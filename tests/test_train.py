@@ -11,8 +11,8 @@ import pytest
 
 from minimlp import create_model
 from minimlp.backend import gpu_available
-from minimlp.checkpoint import load_checkpoint
-from minimlp.synthetic import ensure_shapes_dataset
+from minimlp.training.checkpoint import load_checkpoint
+from minimlp.data.synthetic import ensure_shapes_dataset
 from minimlp.weights import official_to_timm
 from tests.imagetools import make_image_folder, save_image
 
@@ -64,7 +64,7 @@ def test_training_learns_and_logs(shapes, trained):
 
 
 def test_analyze_a_checkpoint_trained_here(trained, tmp_path):
-    from minimlp.analyze import main as analyze
+    from minimlp.tools.analyze import main as analyze
     assert analyze([str(trained / "checkpoint.npz"), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "sparsity.csv").read_text().count("\n") == 1 + 6  # header + one row per block
     assert (tmp_path / "summary.txt").is_file() and list(tmp_path.glob("cross_patch_layer_*.png"))

@@ -21,9 +21,9 @@ the wrong targets for mixed ones.
 """
 import numpy as np
 
-from .backend import get_xp
-from .model import PRESETS, create_model
-from .weights import WeightsError, read_weights
+from ..backend import get_xp
+from ..model import PRESETS, create_model
+from ..weights import WeightsError, read_weights
 
 
 def load_teacher(name, path, num_classes, img_size, device, fast=True):
@@ -55,7 +55,7 @@ class TorchTeacher:
 
     def __init__(self, name, path, num_classes, device):
         try:
-            from .twins import timm, torch  # timm imported as the tests do (twins.py: CPU torch with pip's torchvision)
+            from ..tools.pytorch_references import timm, torch  # timm imported as the tests do (tools/pytorch_references.py: CPU torch with pip's torchvision)
         except ImportError as error:
             raise ValueError(f"--teacher-model {name} is a PyTorch model (not a minimlp preset: "
                              f"{', '.join(PRESETS)}), which needs torch and timm ({error}): pip install torch timm"

@@ -13,7 +13,7 @@ Training (and draft-mode evaluation) resizes a box of the source straight to the
 
     train_transform: RandomResizedCrop (torchvision's algorithm) with the training interpolation
                      (bilinear, bicubic, or 'random': either, per image, as timm), horizontal flip with
-                     probability hflip, then RandAugment (minimlp.randaugment) if given.
+                     probability hflip, then RandAugment (minimlp.data.randaugment) if given.
     eval_transform:  resize the shorter side to int(img_size / crop_pct), bicubic; center crop img_size
                      (decoded and resized whole, then cropped, unless draft=True).
 
@@ -24,7 +24,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from .backend import get_xp
+from ..backend import get_xp
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 TRAIN_INTERPOLATIONS = ("bilinear", "bicubic", "random")  # DeiT's --train-interpolation (default bicubic)
@@ -112,7 +112,7 @@ def train_resampling(interpolation, rng):
 def train_transform(path, img_size, rng, scale=(0.08, 1.0), interpolation="bilinear", hflip=0.5,
                     auto_augment=None):
     """RandomResizedCrop(img_size, scale) + horizontal flip (probability hflip) + auto_augment
-    (a minimlp.randaugment.RandAugment, or None) -> uint8 (3, img_size, img_size).
+    (a minimlp.data.randaugment.RandAugment, or None) -> uint8 (3, img_size, img_size).
 
     rng (numpy Generator) is drawn from in this order: crop box, filter ('random' interpolation only),
     flip (always drawn, whatever hflip is), then RandAugment's draws.

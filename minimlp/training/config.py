@@ -13,11 +13,11 @@ import os
 from pathlib import Path
 
 from .distillation import KINDS as DISTILLATION_TYPES
-from .mixup import MODES as MIXUP_MODES
-from .model import PRESETS
-from .randaugment import RandAugment
-from .random_erasing import MODES as ERASING_MODES
-from .transforms import TRAIN_INTERPOLATIONS
+from ..data.mixup import MODES as MIXUP_MODES
+from ..model import PRESETS
+from ..data.randaugment import RandAugment
+from ..data.random_erasing import MODES as ERASING_MODES
+from ..data.transforms import TRAIN_INTERPOLATIONS
 
 # Defaults, in order of precedence after the flags themselves: a resumed checkpoint's settings, then a
 # --recipe's, then those of the kind of run (the demo without --data, or a user's dataset), then COMMON.
@@ -175,7 +175,7 @@ def dataset_defaults(args, num_train):
 
 
 def world_size(args):
-    """The number of data parallel ranks (train.py sets args.world_size; minimlp.distributed)."""
+    """The number of data parallel ranks (train.py sets args.world_size; minimlp.parallel.distributed)."""
     return getattr(args, "world_size", None) or 1
 
 

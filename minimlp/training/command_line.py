@@ -1,4 +1,4 @@
-"""The argument parser of every minimlp command (train.py, predict.py, python -m minimlp.plot/analyze):
+"""The argument parser of every minimlp command (train.py, predict.py, python -m minimlp.training.plot/analyze):
 a bad flag is one line on stderr that names it, and exit code 2.
 
 argparse's own parser prints its whole usage first (tens of lines for train.py) and the error last,

@@ -1,7 +1,7 @@
 """PyTorch, torchvision and timm as references, and timm's ResMLP holding a minimlp model's weights (its "twin").
 
 For the tests, the lessons that compare with PyTorch and the benchmarks; never imported by the training
-path (torch is a test-only dependency, requirements-test.txt): `import minimlp.twins` needs torch and timm.
+path (torch is a test-only dependency, requirements-test.txt): `import minimlp.tools.pytorch_references` needs torch and timm.
 
 Why the import is not plain: on a machine with the CPU build of torch, pip's torchvision (which timm
 imports) is a CUDA build whose compiled operators cannot load, and importing it then fails while
@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from .weights import official_to_timm
+from ..weights import official_to_timm
 
 
 def _import_torchvision():

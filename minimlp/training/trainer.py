@@ -7,7 +7,7 @@ the current step (StopSignals).
 The state that makes resume exact (and that a checkpoint therefore holds): the weights, the
 optimizer's moments and step, the drop-path generator, the loss scaler under --amp (minimlp.loss_scaling),
 the EMA (--model-ema), and where the run stands (epoch, next batch, global step, the partial epoch's loss
-sum). Batches depend only on (seed, epoch, batch index) (minimlp.loader), the learning rate only on the
+sum). Batches depend only on (seed, epoch, batch index) (minimlp.data.loader), the learning rate only on the
 global step (minimlp.schedule), and the erasing and Mixup/CutMix draws on generators seeded by where they
 are (image_generators, mixup_generator): nothing of theirs to save.
 """
@@ -18,24 +18,24 @@ import time
 
 import numpy as np
 
-from . import backend
+from .. import backend
 from .checkpoint import read_meta, save_run
-from .datasets import DataError
-from .device_feed import DeviceFeed
-from .distributed import SingleProcess
+from ..data.datasets import DataError
+from ..data.device_feed import DeviceFeed
+from ..parallel.distributed import SingleProcess
 from .distillation import distillation_loss
-from .loss_scaling import NoLossScaling
-from .losses import cross_entropy
-from .mixup import Mixup
-from .optim import AdamW, Lamb
+from ..loss_scaling import NoLossScaling
+from ..losses import cross_entropy
+from ..data.mixup import Mixup
+from ..optim import AdamW, Lamb
 from .plot import PlotError, draw_run
-from .precision import autocast
+from ..precision import autocast
 from .run_folder import append_log
 from .progress import Progress, let_go_of_a_lost_terminal, track, write
-from .random_erasing import RandomErasing
-from .schedule import lr_at
-from .step import train_step
-from .workers import WorkerDied
+from ..data.random_erasing import RandomErasing
+from ..schedule import lr_at
+from ..step import train_step
+from ..data.workers import WorkerDied
 
 
 READ_LOSS_EVERY = 20  # steps between reading the training loss back from the device (for the bar, the sum)
@@ -141,7 +141,7 @@ class StopSignals:
     def agree(self, world):
         """Data parallel: whether any rank has received a stop signal (mpiexec passes Ctrl-C and SIGTERM on to
         every rank, not at the same instant), so that every rank stops after the same step; a small
-        all-reduce (minimlp.distributed). A rank that takes another's signal treats its own, arriving later,
+        all-reduce (minimlp.parallel.distributed). A rank that takes another's signal treats its own, arriving later,
         as its first."""
         self.agreed = int(world.max(self.signum or 0))
         return self.agreed != 0
@@ -181,13 +181,13 @@ class Trainer:
     """Wires a model, an optimizer and two loaders to the loop. `settings` is the run's configuration
     (train.py's parsed flags as a dict: random erasing and Mixup/CutMix are built from it); `position` where
     to continue (from a checkpoint); `scaler` a loss_scaling.LossScaler for mixed precision (--amp),
-    NoLossScaling for float32 throughout; `ema` a minimlp.ema.ModelEma (--model-ema); `teacher` a
-    callable images -> logits (minimlp.teacher, --distillation-type soft/hard)."""
+    NoLossScaling for float32 throughout; `ema` a minimlp.training.ema.ModelEma (--model-ema); `teacher` a
+    callable images -> logits (minimlp.training.teacher, --distillation-type soft/hard)."""
 
     def __init__(self, model, optimizer, train_loader, val_loader, classes, settings, output, position=None,
                  scaler=NoLossScaling(), ema=None, teacher=None, world=SingleProcess()):
         self.model, self.optimizer = model, optimizer
-        self.world = world  # data parallel (minimlp.distributed): rank 0 writes; gradients, losses, stops agreed
+        self.world = world  # data parallel (minimlp.parallel.distributed): rank 0 writes; gradients, losses, stops agreed
         self.train_loader, self.val_loader = train_loader, val_loader
         self.classes, self.settings, self.output = classes, settings, output
         self.scaler = scaler
@@ -406,7 +406,7 @@ class Trainer:
             p.update(best_top1=record["val_top1"], best_epoch=record["epoch"])
         p.update(epoch=p["epoch"] + 1, batch=0, loss_sum=0.0, images=0, seconds=0.0)
         # The log line first, then checkpoint.npz, then best.npz: a kill in between leaves the log ahead of
-        # the checkpoint, which the resume trims (minimlp.run_folder), or best.npz behind it, which the resume
+        # the checkpoint, which the resume trims (minimlp.training.run_folder), or best.npz behind it, which the resume
         # writes (save_missing_best). A second signal waits for all three.
         with stop.deferred():
             if self.world.is_writer:  # rank 0 writes (data parallel)

@@ -17,7 +17,7 @@
   writes checkpoint.npz, then best.npz. A kill in between leaves the log ahead of checkpoint.npz, never
   behind it; a resume first drops the lines beyond the checkpoint's epoch (trim_log), then redoes that
   epoch and writes its line again: no line is lost, none is written twice. (A kill between
-  checkpoint.npz and best.npz: the resume writes best.npz first, minimlp.trainer.)
+  checkpoint.npz and best.npz: the resume writes best.npz first, minimlp.training.trainer.)
 """
 import contextlib
 import errno

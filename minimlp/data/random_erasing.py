@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from .backend import get_xp
+from ..backend import get_xp
 
 MODES = ("pixel", "rand", "const")
 

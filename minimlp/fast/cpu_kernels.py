@@ -14,7 +14,7 @@ Arithmetic is float32 throughout, like the reference's; `fastmath` lets the comp
 reorder the sums, so results differ from the reference by float32 rounding only (tested at 1e-5).
 
 The process settings this fast path relies on (threads that sleep when they wait, freed memory kept in
-the heap) are in minimlp/cpu_settings.py; `prepare` applies the allocator one when minimlp.ops chooses
+the heap) are in minimlp/fast/cpu_settings.py; `prepare` applies the allocator one when minimlp.ops chooses
 this fast path.
 """
 import functools
@@ -23,7 +23,7 @@ import math
 import numba
 import numpy as np
 
-from .backend import ERF_DENOMINATOR, ERF_NUMERATOR
+from ..backend import ERF_DENOMINATOR, ERF_NUMERATOR
 from . import cpu_settings
 
 OPERATIONS = ("affine_forward", "affine_backward", "bias_gelu_forward", "bias_gelu_backward", "residual_forward",
@@ -47,7 +47,7 @@ jit_inline = functools.partial(numba.njit, fastmath=True, cache=True, inline="al
 
 def prepare():
     """Called by minimlp.ops each time it chooses this fast path: the allocator setting of
-    minimlp/cpu_settings.py (calling it again changes nothing)."""
+    minimlp/fast/cpu_settings.py (calling it again changes nothing)."""
     cpu_settings.keep_freed_memory()
 
 

@@ -1,8 +1,8 @@
 """Pictures of training runs, drawn from their log.jsonl: train/val loss, top-1 and learning rate per epoch.
 
-    python -m minimlp.plot runs/A                  # writes runs/A/curves.png
-    python -m minimlp.plot runs/A runs/B           # compares them in one figure: comparison.png
-    python -m minimlp.plot runs/A runs/B --out ab.png
+    python -m minimlp.training.plot runs/A                  # writes runs/A/curves.png
+    python -m minimlp.training.plot runs/A runs/B           # compares them in one figure: comparison.png
+    python -m minimlp.training.plot runs/A runs/B --out ab.png
 
 draw_run(run_folder) writes run_folder/curves.png; the trainer calls it after every epoch, so the
 picture of a run in progress is never more than an epoch old. The PNG is written to a temporary file
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 # Figures are built as matplotlib Figure objects and saved with its Agg renderer, without pyplot (as in
-# minimlp.analyze): drawing from inside training changes no global matplotlib state, leaves no figure open.
+# minimlp.tools.analyze): drawing from inside training changes no global matplotlib state, leaves no figure open.
 from matplotlib.figure import Figure
 
 from .command_line import ArgumentParser
@@ -94,7 +94,7 @@ def draw(runs, title=None):
 
 
 def save(figure, path):
-    """Write the figure as a PNG, atomically (minimlp.run_folder.write_atomically)."""
+    """Write the figure as a PNG, atomically (minimlp.training.run_folder.write_atomically)."""
     write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=100))
     return Path(path)
 
@@ -117,7 +117,7 @@ def compare_runs(run_folders, out):
 
 def main(argv=None):
     parser = ArgumentParser(
-        prog="python -m minimlp.plot",
+        prog="python -m minimlp.training.plot",
         description="Draw the curves of train.py runs from their log.jsonl: train/val loss, top-1, learning rate. "
                     f"One run: RUN/{CURVES_NAME}. Several: one figure comparing them.")
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders (train.py's --output)")
@@ -130,7 +130,7 @@ def main(argv=None):
         else:
             path = compare_runs(args.runs, args.out or Path("comparison.png"))
     except (PlotError, OSError) as error:
-        print(f"minimlp.plot: error: {error}", file=sys.stderr)
+        print(f"minimlp.training.plot: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
     return 0

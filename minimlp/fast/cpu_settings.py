@@ -2,7 +2,7 @@
 (benchmarks/train_step.py; README, "Speed").
 
 A step alternates matrix products (OpenBLAS's threads, through NumPy) with fused elementwise loops
-(Numba's OpenMP threads, minimlp/cpu_kernels.py), with as many threads of each as there are cores.
+(Numba's OpenMP threads, minimlp/fast/cpu_kernels.py), with as many threads of each as there are cores.
 
 1. Threads that wait must sleep, not spin. By default a BLAS or OpenMP thread that has finished keeps
    spinning for a while in case more work comes, on a core the other library's next piece of work

@@ -9,7 +9,7 @@ it when called, so the rest works without it.
 """
 import numpy as np
 
-from .backend import to_numpy
+from ..backend import to_numpy
 
 
 def relative_error(ours, reference):

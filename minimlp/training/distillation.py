@@ -17,8 +17,8 @@ DeiT's distilled models have a second head for the teacher; ResMLP has one, so t
 serve both terms. The teacher never gets a gradient: its logits are an input, from wherever the
 trainer computes them (a PyTorch teacher on the same batch, or predictions stored beforehand).
 """
-from .backend import get_xp
-from .losses import cross_entropy, log_softmax
+from ..backend import get_xp
+from ..losses import cross_entropy, log_softmax
 
 KINDS = ("none", "soft", "hard")
 

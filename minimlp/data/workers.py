@@ -30,7 +30,7 @@ import os
 import signal
 import sys
 
-from .progress import write
+from ..training.progress import write
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # Tasks sent down a worker's pipe ahead of its results; the rest wait here. A pipe holds a few small tasks,

@@ -4,7 +4,7 @@
         for images, labels in loader.epoch(epoch):      # images uint8 (B, 3, H, W), labels int64 (B,)
             ...
 
-Reproducibility: the order of an epoch comes from a sampler (minimlp.sampler; train only): by
+Reproducibility: the order of an epoch comes from a sampler (minimlp.data.sampler; train only): by
 default the shuffle `np.random.default_rng([seed, epoch]).permutation(n)`, with --repeated-aug each
 image of it three times in a row (RepeatedAugmentationSampler). The sampler also gives each sample's
 global position p, its place in the one-process order, and the augmentation of that sample uses its
@@ -22,7 +22,7 @@ consumer does not wait while cores are spare. `workers=0` loads in the calling p
 Ctrl-C, SIGTERM and SIGHUP; the parent stops them: on close(), on leaving the `with` block, and when an
 epoch is abandoned early (break, exception, Ctrl-C) — then the pool is killed, not drained. A worker
 that dies (the out-of-memory killer, kill -9) is seen at once and replaced, and its batches are loaded
-again: the same batches (minimlp.workers). Workers die with the parent, also on kill -9.
+again: the same batches (minimlp.data.workers). Workers die with the parent, also on kill -9.
 
 Unreadable files (corrupt, truncated, not an image, deleted since the scan): the file is skipped,
 its path is printed once as a warning line on stderr and appended to `loader.skipped`, and its batch
@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from .datasets import DataError
-from .progress import write
+from ..training.progress import write
 from .sampler import RepeatedAugmentationSampler
 from .transforms import eval_transform, train_transform
 from .workers import WorkerPool
@@ -53,10 +53,10 @@ class Loader:
 
     img_size: output side. crop_pct: eval resize ratio. scale: RandomResizedCrop area range (train).
     interpolation, hflip, auto_augment: the train crop's filter, the flip probability, RandAugment or None
-    (minimlp.transforms.train_transform). sampler (train): the order of each epoch, anything with
+    (minimlp.data.transforms.train_transform). sampler (train): the order of each epoch, anything with
     epoch_order(epoch), global_positions() and len (default: the plain shuffle, a RepeatedAugmentationSampler
     with repeats=1). workers: processes (0 = in this process). prefetch: batches in flight (default 2 per worker).
-    rank, num_replicas: data parallel (minimlp.distributed): the default shuffle takes rank's positions r, r + K,
+    rank, num_replicas: data parallel (minimlp.parallel.distributed): the default shuffle takes rank's positions r, r + K,
     ... of the one-process order, n // K of them (so an epoch has the batches of one process with K x batch_size);
     evaluation takes the images r, r + K, ...: the K ranks together see every validation image exactly once.
     """

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .layers import sum_to_shape
+from ..layers import sum_to_shape
 
 OPERATIONS = ("affine_forward", "bias_gelu_forward", "bias_gelu_backward", "residual_forward", "residual_backward",
               "softmax_cross_entropy", "adamw_update")

@@ -24,7 +24,7 @@ float32 rounding, so for the same lam and box the images and targets equal timm'
 """
 import numpy as np
 
-from .backend import get_xp
+from ..backend import get_xp
 
 MODES = ("batch", "pair", "elem")
 KEEP, MIXUP, CUTMIX = 0, 1, 2  # what happens to an image

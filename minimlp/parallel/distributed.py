@@ -5,10 +5,10 @@
 
 Semantics, as DeiT/timm: --batch-size is per rank, the global batch is K x batch (the learning-rate
 rule uses it). Rank r takes the positions r, r + K, r + 2K, ... of the one-process order of an epoch
-(minimlp.sampler), augments each with the generator of its global position, and keeps its slice of
+(minimlp.data.sampler), augments each with the generator of its global position, and keeps its slice of
 the drop-path masks drawn for the whole global batch (ResMLP.drop_path_shard): K ranks see exactly
 the images, augmentations and masks that one process sees with --batch-size K x batch. Gradients are
-averaged over the ranks before clipping and the optimizer (minimlp.allreduce), so every rank takes the
+averaged over the ranks before clipping and the optimizer (minimlp.parallel.allreduce), so every rank takes the
 same step and holds the same weights; evaluation is sharded the same way and its sums added up.
 
 Both worlds have the same methods, so the training step (minimlp.step) and the loop have no
@@ -116,7 +116,7 @@ class SingleProcess:
 
 class MPIWorld:
     """This rank of an mpiexec job. rank/size in MPI.COMM_WORLD; local_rank: its index among the ranks of its
-    machine (the GPU it takes). bucket_bytes: the gradient buckets' size (minimlp.allreduce)."""
+    machine (the GPU it takes). bucket_bytes: the gradient buckets' size (minimlp.parallel.allreduce)."""
 
     is_writer = property(lambda self: self.rank == 0)
 

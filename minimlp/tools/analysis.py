@@ -1,4 +1,4 @@
-"""What ResMLP's weights learn, as numbers (pure NumPy; minimlp.analyze draws them).
+"""What ResMLP's weights learn, as numbers (pure NumPy; minimlp.tools.analyze draws them).
 
 The paper (Touvron et al. 2021, section 3.3; docs/reference.md, Weight analysis) reads three matrices
 of each block i:

@@ -16,7 +16,7 @@ import contextlib
 
 import numpy as np
 
-from .backend import get_xp, to_numpy
+from ..backend import get_xp, to_numpy
 
 
 class ModelEma:

@@ -1,6 +1,6 @@
 """Draw and summarize what a ResMLP learned: the paper's weight figures from any checkpoint.
 
-    python -m minimlp.analyze CHECKPOINT --out DIR [--layers 0,5,11]
+    python -m minimlp.tools.analyze CHECKPOINT --out DIR [--layers 0,5,11]
 
 CHECKPOINT: a train.py checkpoint (.npz), or published weights in .npz or .safetensors with official or
 timm names. --layers picks the blocks whose cross-patch matrix A is drawn (default: first, middle, last;
@@ -9,7 +9,7 @@ counted from 0 like blocks.i). Writes into DIR:
                                 its query patch's position (the paper's Figure 2)
     sparsity.png, sparsity.csv  sparsity of A, B (fc1) and C (fc2) for every layer (layer,A,B,C)
     summary.txt                 per layer: convolution likeness and self weight of A, sparsity (also printed)
-The measures are defined in minimlp.analysis; what the paper found is in docs/reference.md, Weight analysis.
+The measures are defined in minimlp.tools.analysis; what the paper found is in docs/reference.md, Weight analysis.
 """
 import csv
 import sys
@@ -22,8 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from .analysis import MATRIX_NAMES, SPARSITY_THRESHOLD, block_count, measure_layers, patch_grid_side
-from .command_line import ArgumentParser
-from .weights import WeightsError, read_weights, timm_to_official
+from ..training.command_line import ArgumentParser
+from ..weights import WeightsError, read_weights, timm_to_official
 
 QUERY_GRID = 5  # query patches per side of a layer's figure; every patch when the grid is this small
 COLOURS = {"A": "tab:red", "B": "tab:blue", "C": "tab:green"}
@@ -166,7 +166,7 @@ def analyze(checkpoint, out_dir, layers=None):
 
 def main(argv=None):
     """The command line; returns the exit status (0, or 1 after a one-line error on stderr)."""
-    parser = ArgumentParser(prog="python -m minimlp.analyze",
+    parser = ArgumentParser(prog="python -m minimlp.tools.analyze",
                             description="Draw the cross-patch matrices of a ResMLP checkpoint and measure how "
                                         "convolution-like and how sparse its weights are.")
     parser.add_argument("checkpoint", help="train.py checkpoint (.npz) or published weights (.npz, .safetensors)")
@@ -177,7 +177,7 @@ def main(argv=None):
     try:
         summary = analyze(args.checkpoint, args.out, args.layers)
     except AnalysisError as error:
-        print(f"minimlp.analyze: error: {error}", file=sys.stderr)
+        print(f"minimlp.tools.analyze: error: {error}", file=sys.stderr)
         return 1
     print(summary, end="")
     print(f"figures, sparsity.csv and summary.txt written to {args.out}")

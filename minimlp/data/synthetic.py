@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .progress import Progress, write
+from ..training.progress import Progress, write
 
 SHAPES_CLASSES = ("checkerboard", "circle", "cross", "diagonal_stripes", "dots",
                   "horizontal_stripes", "ring", "square", "triangle", "vertical_stripes")
@@ -47,7 +47,7 @@ def ensure_shapes_dataset(root=None, train_per_class=TRAIN_PER_CLASS, val_per_cl
 
     Generation writes into a temporary folder beside it and renames it when complete, so an
     interrupted run leaves no folder that could be mistaken for a finished dataset. It says so on
-    stdout and shows its progress (minimlp.progress) on stderr.
+    stdout and shows its progress (minimlp.training.progress) on stderr.
     """
     root = Path(root) if root is not None else cache_root()
     folder = root / f"shapes10-{IMAGE_SIZE}px-{train_per_class}x{val_per_class}-seed{seed}"
@@ -70,7 +70,7 @@ def ensure_shapes_dataset(root=None, train_per_class=TRAIN_PER_CLASS, val_per_cl
 
 
 def generate_shapes_dataset(folder, train_per_class, val_per_class, seed=0, progress=None):
-    """Write folder/{train,val}/<class>/<class>_<index>.png; progress: a minimlp.progress.Progress
+    """Write folder/{train,val}/<class>/<class>_<index>.png; progress: a minimlp.training.progress.Progress
     counted one step per image, or None."""
     counts = {"train": train_per_class, "val": val_per_class}
     for split_index, split in enumerate(SPLITS):

@@ -3,11 +3,11 @@ saving a run, restoring it, and deciding whether a checkpoint may continue with 
 
     model/<official name>   the weights (what minimlp.weights.read_weights picks out)
     optimizer/<key>         the optimizer's state (moments, step count)
-    ema/<key>               with --model-ema: the average of the weights (minimlp.ema.ModelEma.state_dict)
+    ema/<key>               with --model-ema: the average of the weights (minimlp.training.ema.ModelEma.state_dict)
     meta                    JSON: epoch and batch to continue from, global step, RNG states,
                             class list, model configuration and the run's full configuration
 
-Written atomically (minimlp.run_folder.write_atomically): into a uniquely named temporary file in the
+Written atomically (minimlp.training.run_folder.write_atomically): into a uniquely named temporary file in the
 same folder, flushed to disk, then renamed over the old one, so a crash or Ctrl-C mid-write never
 leaves a half-written checkpoint, and a failed write (disk full) leaves no temporary file.
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from .ema import ModelEma
-from .model import PRESETS
+from ..model import PRESETS
 from .run_folder import write_atomically
-from .weights import WeightsError, read_weights
+from ..weights import WeightsError, read_weights
 
 
 def save_checkpoint(path, weights, optimizer_state, meta, extra=None):
@@ -130,7 +130,7 @@ def read_meta(path):
 # A whole run: model, optimizer, loss scaler, generators, where it stands, its classes and settings.
 # ---------------------------------------------------------------------------------------------
 def save_run(path, model, optimizer, scaler, position, classes, settings, ema=None):
-    """ema: the run's minimlp.ema.ModelEma (--model-ema), or None."""
+    """ema: the run's minimlp.training.ema.ModelEma (--model-ema), or None."""
     meta = dict(position=position, classes=list(classes), model=model.config, settings=settings,
                 drop_path_rng=model.drop_path_rng.bit_generator.state, loss_scaler=scaler.state_dict())
     extra = {"ema": ema.state_dict()} if ema is not None else None
