@@ -3,7 +3,7 @@ same indices on every rank; the shards of K ranks interleave into the one-proces
 import numpy as np
 import pytest
 
-from minimlp.data.sampler import RepeatedAugmentationSampler, samples_per_rank
+from minimlp.data.sampler import RepeatedAugmentationSampler, ShuffleSampler, samples_per_rank
 from minimlp.tools.pytorch_references import torch  # noqa: F401  (and timm through the torchvision workaround)
 from timm.data.distributed_sampler import RepeatAugSampler  # noqa: E402
 
@@ -72,3 +72,14 @@ def test_order_is_deterministic_per_seed_and_epoch():
 def test_bad_settings(settings, complaint):
     with pytest.raises(ValueError, match=complaint):
         RepeatedAugmentationSampler(**settings)
+
+
+def test_the_plain_shuffle_is_its_own_sampler_every_sample_once_the_shards_interleaved():
+    one_process = ShuffleSampler(23, seed=4)
+    order = one_process.epoch_order(2)
+    assert sorted(order.tolist()) == list(range(23)) and len(one_process) == 23
+    np.testing.assert_array_equal(order, np.random.default_rng([4, 2]).permutation(23))
+    shards = [ShuffleSampler(23, seed=4, num_replicas=3, rank=rank) for rank in range(3)]
+    assert [len(shard) for shard in shards] == [23 // 3] * 3
+    for shard in shards:  # rank r takes the positions r, r + 3, ... of the one-process order
+        np.testing.assert_array_equal(shard.epoch_order(2), order[shard.global_positions()])

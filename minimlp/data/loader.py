@@ -5,8 +5,8 @@
             ...
 
 Reproducibility: the order of an epoch comes from a sampler (minimlp.data.sampler; train only): by
-default the shuffle `np.random.default_rng([seed, epoch]).permutation(n)`, with --repeated-aug each
-image of it three times in a row (RepeatedAugmentationSampler). The sampler also gives each sample's
+default the shuffle `np.random.default_rng([seed, epoch]).permutation(n)` (ShuffleSampler), with
+--repeated-aug each image of it three times in a row (RepeatedAugmentationSampler). The sampler also gives each sample's
 global position p, its place in the one-process order, and the augmentation of that sample uses its
 own generator `np.random.default_rng([seed, epoch, p])`; so an image's augmentation does not depend on
 how many processes share the epoch (data parallel: num_replicas/rank of the sampler). Evaluation takes
@@ -40,7 +40,7 @@ from PIL import Image
 
 from .datasets import DataError
 from ..training.progress import write
-from .sampler import RepeatedAugmentationSampler
+from .sampler import ShuffleSampler
 from .transforms import eval_transform, train_transform
 from .workers import WorkerPool
 
@@ -54,8 +54,8 @@ class Loader:
     img_size: output side. crop_pct: eval resize ratio. scale: RandomResizedCrop area range (train).
     interpolation, hflip, auto_augment: the train crop's filter, the flip probability, RandAugment or None
     (minimlp.data.transforms.train_transform). sampler (train): the order of each epoch, anything with
-    epoch_order(epoch), global_positions() and len (default: the plain shuffle, a RepeatedAugmentationSampler
-    with repeats=1). workers: processes (0 = in this process). prefetch: batches in flight (default 2 per worker).
+    epoch_order(epoch), global_positions() and len (default: the plain shuffle, ShuffleSampler). workers:
+    processes (0 = in this process). prefetch: batches in flight (default 2 per worker).
     rank, num_replicas: data parallel (minimlp.parallel.distributed): the default shuffle takes rank's positions r, r + K,
     ... of the one-process order, n // K of them (so an epoch has the batches of one process with K x batch_size);
     evaluation takes the images r, r + K, ...: the K ranks together see every validation image exactly once.
@@ -70,8 +70,7 @@ class Loader:
             raise DataError(f"--batch-size must be at least 1, got {batch_size}")
         self.sampler = None
         if train:
-            self.sampler = sampler or RepeatedAugmentationSampler(len(self.samples), seed, repeats=1, rank=rank,
-                                                                  num_replicas=num_replicas, selected_round=1)
+            self.sampler = sampler or ShuffleSampler(len(self.samples), seed, num_replicas=num_replicas, rank=rank)
         self.eval_order = np.arange(len(self.samples))[rank::num_replicas]
         if train and batch_size > len(self.sampler):
             raise DataError(f"--batch-size {batch_size} is larger than the training set "

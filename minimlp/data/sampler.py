@@ -1,4 +1,5 @@
-"""Repeated augmentation (Hoffer et al. 2020; Berman et al. 2019), as DeiT's RASampler and timm's
+"""The order of each training epoch: the plain shuffle (ShuffleSampler) and repeated augmentation
+(RepeatedAugmentationSampler, Hoffer et al. 2020; Berman et al. 2019), as DeiT's RASampler and timm's
 RepeatAugSampler: each image appears `repeats` (3) times in a row of the shuffled order, each time
 with its own augmentation, and the epoch is cut to about the dataset's length, so an epoch sees about
 a third of the images, three times each (DeiT's --repeated-aug).
@@ -33,19 +34,18 @@ def samples_per_rank(num_samples, num_replicas=1, repeats=3, selected_round=256)
     return min(selected, math.ceil(num_samples * repeats / num_replicas))
 
 
-class RepeatedAugmentationSampler:
-    """The samples of rank `rank` of `num_replicas` for each epoch, deterministic in (seed, epoch)."""
+class ShuffleSampler:
+    """The plain shuffle: each epoch the permutation np.random.default_rng([seed, epoch]) draws, every sample
+    once; rank `rank` of `num_replicas` takes its positions rank, rank + K, ..., num_samples // K of them."""
 
-    def __init__(self, num_samples, seed=0, repeats=3, num_replicas=1, rank=0, selected_round=256):
+    def __init__(self, num_samples, seed=0, num_replicas=1, rank=0):
         if num_samples < 1:
-            raise ValueError(f"repeated augmentation needs at least one sample, got {num_samples}")
-        if not (isinstance(repeats, int) and repeats >= 1):
-            raise ValueError(f"repeats must be a whole number >= 1, got {repeats}")
+            raise ValueError(f"a sampler needs at least one sample, got {num_samples}")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1} (num_replicas {num_replicas})")
-        self.num_samples, self.seed, self.repeats = num_samples, seed, repeats
+        self.num_samples, self.seed = num_samples, seed
         self.num_replicas, self.rank = num_replicas, rank
-        self.length = samples_per_rank(num_samples, num_replicas, repeats, selected_round)
+        self.length = num_samples // num_replicas
 
     def __len__(self):
         """Samples this rank takes per epoch."""
@@ -59,11 +59,27 @@ class RepeatedAugmentationSampler:
         return np.arange(self.rank, self.length * self.num_replicas, self.num_replicas)
 
     def order_from_permutation(self, permutation):
-        """This rank's sample indices for a given shuffle: every index repeated, then the rank's positions
-        (wrapping around the repeated list where K shards need more than it holds, as timm pads)."""
-        repeated = np.repeat(np.asarray(permutation), self.repeats)
-        return repeated[self.global_positions() % len(repeated)]
+        """This rank's sample indices for a given shuffle: the rank's positions of it."""
+        return np.asarray(permutation)[self.global_positions()]
 
     def epoch_order(self, epoch):
         """Sample indices of this rank for `epoch`."""
         return self.order_from_permutation(self.permutation(epoch))
+
+
+class RepeatedAugmentationSampler(ShuffleSampler):
+    """The samples of rank `rank` of `num_replicas` for each epoch, deterministic in (seed, epoch): the shuffle
+    with every index repeated `repeats` times."""
+
+    def __init__(self, num_samples, seed=0, repeats=3, num_replicas=1, rank=0, selected_round=256):
+        super().__init__(num_samples, seed, num_replicas, rank)
+        if not (isinstance(repeats, int) and repeats >= 1):
+            raise ValueError(f"repeats must be a whole number >= 1, got {repeats}")
+        self.repeats = repeats
+        self.length = samples_per_rank(num_samples, num_replicas, repeats, selected_round)
+
+    def order_from_permutation(self, permutation):
+        """This rank's sample indices for a given shuffle: every index repeated, then the rank's positions
+        (wrapping around the repeated list where K shards need more than it holds, as timm pads)."""
+        repeated = np.repeat(np.asarray(permutation), self.repeats)
+        return repeated[self.global_positions() % len(repeated)]
