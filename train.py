@@ -24,21 +24,25 @@ from minimlp.training.command_line import ArgumentParser
 from minimlp.training.config import RECIPES, complete_settings, dataset_defaults
 from minimlp.data.datasets import DataError, load_datasets
 from minimlp.parallel.distributed import connect
-from minimlp.training.distillation import KINDS as DISTILLATION_TYPES
+from minimlp.training.distillation import KINDS as DISTILLATION_TYPES, Distillation
 from minimlp.training.ema import ModelEma
 from minimlp.data.loader import Loader
 from minimlp.loss_scaling import LossScaler, NoLossScaling
-from minimlp.data.mixup import MODES as MIXUP_MODES
+from minimlp.data.mixup import MODES as MIXUP_MODES, Mixup
 from minimlp.model import PRESETS, preset_name
 from minimlp.precision import AMP_DTYPE
 from minimlp.data.randaugment import RandAugment
 from minimlp.training.run_folder import RunFolder, RunFolderError, new_run_folder, trim_log, write_atomically
-from minimlp.data.random_erasing import MODES as ERASING_MODES
+from minimlp.data.random_erasing import MODES as ERASING_MODES, RandomErasing
 from minimlp.data.sampler import RepeatedAugmentationSampler
 from minimlp.data.synthetic import ensure_shapes_dataset
 from minimlp.training.teacher import load_teacher
 from minimlp.data.transforms import IMAGENET_MEAN, TRAIN_INTERPOLATIONS
-from minimlp.training.trainer import Interrupted, Trainer, evaluate, make_optimizer, quit_on_stop_signals
+from minimlp.losses import CrossEntropy
+from minimlp.optim import make_optimizer
+from minimlp.training.evaluation import evaluate
+from minimlp.training.signals import Interrupted, quit_on_stop_signals
+from minimlp.training.trainer import Trainer
 from minimlp.weights import WeightsError
 from minimlp.data.workers import WorkerDied
 
@@ -241,13 +245,20 @@ def run(args, world):
     optimizer = make_optimizer(args.opt, model, args.lr, args.weight_decay)
     scaler = LossScaler() if args.amp else NoLossScaling()
     ema = ModelEma(model.parameters.data, args.model_ema_decay) if args.model_ema else None
-    teacher = None
+    erasing = RandomErasing.from_flags(args.reprob, args.remode, args.recount) if args.reprob > 0 else None
+    mixup = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup = Mixup(len(train_set.classes), args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_prob,
+                      args.mixup_switch_prob, args.mixup_mode, label_smoothing=args.smoothing)
+    criterion = CrossEntropy(model.ops, 0.0 if mixup else args.smoothing)  # Mixup's soft targets hold the smoothing
+    distillation = None
     if args.distillation_type != "none":
         teacher = load_teacher(args.teacher_model, args.teacher_path, len(train_set.classes), args.img_size, device,
                                fast=args.fast)
         print(f"teacher: {teacher.description}, {args.distillation_type} distillation, alpha "
               f"{args.distillation_alpha:g}" + (f", tau {args.distillation_tau:g}" if args.distillation_type == "soft"
                                                 else ""))
+        distillation = Distillation(teacher, args.distillation_type, args.distillation_alpha, args.distillation_tau)
     output = args.output or (args.resume.parent if args.resume else None)
     continuing = bool(args.resume) and output is not None and output.resolve() == args.resume.parent.resolve()
     if args.resume:
@@ -271,8 +282,9 @@ def run(args, world):
                   "(written just before a kill), to be written again")
         print(f"output: {output}")
         with train_loader, val_loader:
-            trainer = Trainer(model, optimizer, train_loader, val_loader, train_set.classes, settings_of(args),
-                              output, position, scaler, ema=ema, teacher=teacher, world=world)
+            trainer = Trainer(model, criterion, optimizer, train_loader, val_loader, train_set.classes,
+                              settings_of(args), output, position, scaler, erasing=erasing, mixup=mixup, ema=ema,
+                              distillation=distillation, world=world)
             record = trainer.fit()
     print(f"done: top-1 {record['val_top1']:.2f}%, top-5 {record['val_top5']:.2f}% after {record['epoch']} "
           f"epochs (best top-1 {trainer.position['best_top1']:.2f}%); checkpoints in {output}")

@@ -1,4 +1,11 @@
-"""Softmax cross-entropy with label smoothing and soft targets, returning the loss and its gradient."""
+"""Softmax cross-entropy with label smoothing and soft targets, returning the loss and its gradient.
+
+    criterion = CrossEntropy(model.ops, smoothing=0.1)   # the loss training and evaluation compute
+    loss, dlogits = criterion(logits, labels)
+
+CrossEntropy runs the softmax cross-entropy of the operations it is given (minimlp.ops.select: the reference
+below, or the device's fused kernel); cross_entropy is the same loss through the reference alone.
+"""
 from .backend import get_xp
 
 
@@ -42,3 +49,17 @@ def softmax_cross_entropy(logits, target_probs):
     loss = -(target_probs * log_probs).sum() / batch
     dlogits = (xp.exp(log_probs) - target_probs) / batch
     return loss, dlogits
+
+
+class CrossEntropy:
+    """The smoothed cross-entropy through `ops` (minimlp.ops.select), the one loss code that training (label
+    smoothing `smoothing`; 0 under Mixup/CutMix, whose soft targets hold it) and evaluation (0) run."""
+
+    def __init__(self, ops, smoothing=0.0):
+        self.ops, self.smoothing = ops, smoothing
+
+    def __call__(self, logits, targets):
+        """logits (B, C); targets: indices (B,) or probabilities (B, C) -> (loss 0-d, dlogits (B, C))."""
+        xp = get_xp(logits)
+        target_probs = smoothed_targets(xp.asarray(targets), logits.shape[1], self.smoothing, logits.dtype)
+        return self.ops.softmax_cross_entropy(logits, target_probs)

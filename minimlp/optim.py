@@ -221,3 +221,12 @@ class Lamb(Optimizer):
         both_positive = (weight_norm > 0) & (update_norm > 0)
         ratio = xp.where(both_positive, weight_norm / xp.where(both_positive, update_norm, 1.0), 1.0)
         return xp.minimum(ratio, 1.0) if self.trust_clip else ratio
+
+
+def make_optimizer(name, model, lr, weight_decay):
+    """The optimizer --opt names: 'adamw' or 'lamb'."""
+    if name == "adamw":
+        return AdamW(model, lr=lr, weight_decay=weight_decay)
+    if name == "lamb":
+        return Lamb(model, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"--opt {name!r}: choose adamw or lamb")

@@ -26,7 +26,7 @@ from minimlp.loss_scaling import NoLossScaling  # noqa: E402
 from minimlp.optim import AdamW  # noqa: E402
 from minimlp.data.sampler import RepeatedAugmentationSampler  # noqa: E402
 from minimlp.step import train_step  # noqa: E402
-from minimlp.training.trainer import evaluate  # noqa: E402
+from minimlp.training.evaluation import evaluate  # noqa: E402
 
 
 def main():

@@ -227,7 +227,10 @@ def test_a_batch_that_keeps_killing_its_worker_names_it_quickly(tmp_path):
 def test_a_worker_that_keeps_dying_stops_the_run_with_a_checkpoint_at_the_last_step(shapes, tmp_path):
     """The trainer's side: the loader gives up (WorkerDied) in the middle of epoch 1."""
     from minimlp import create_model
-    from minimlp.training.trainer import EXIT_WORKER_DIED, Interrupted, Trainer, make_optimizer
+    from minimlp.losses import CrossEntropy
+    from minimlp.optim import make_optimizer
+    from minimlp.training.signals import EXIT_WORKER_DIED, Interrupted
+    from minimlp.training.trainer import Trainer
     from minimlp.data.workers import WorkerDied
     train_set, val_set = load_datasets(shapes)
     loader = Loader(train_set, 16, train=True, img_size=16, workers=0)
@@ -245,8 +248,8 @@ def test_a_worker_that_keeps_dying_stops_the_run_with_a_checkpoint_at_the_last_s
     model = create_model("resmlp_tiny", num_classes=10, img_size=16)
     settings = dict(epochs=2, warmup_epochs=0, lr=3e-3, min_lr=1e-5, warmup_lr=1e-6, smoothing=0.1, clip_grad=0.0,
                     seed=0)
-    trainer = Trainer(model, make_optimizer("adamw", model, 3e-3, 0.05), GivingUp(), GivingUp(), train_set.classes,
-                      settings, tmp_path)
+    trainer = Trainer(model, CrossEntropy(model.ops, 0.1), make_optimizer("adamw", model, 3e-3, 0.05), GivingUp(),
+                      GivingUp(), train_set.classes, settings, tmp_path)
     with pytest.raises(Interrupted, match=r"pid 4242.*epoch 1, batch 3/15 \(checkpoint saved\); continue with "
                                           r"--resume .*checkpoint.npz") as stopped:
         trainer.fit()
@@ -312,7 +315,7 @@ def test_a_terminal_that_hangs_up_is_let_go_and_the_run_saves(straight, tmp_path
 
 OUTSIDE_THE_LOOP = """
 import sys, time
-from minimlp.training.trainer import quit_on_stop_signals
+from minimlp.training.signals import quit_on_stop_signals
 try:
     with quit_on_stop_signals():  # what train.py runs under while it scans the data or evaluates
         open(sys.argv[1], "w").close()
@@ -504,18 +507,20 @@ def test_resume_from_best_beside_a_newer_checkpoint_is_refused(straight, tmp_pat
 
 def test_raising_epochs_on_resume_keeps_the_warmup(tmp_path):
     from minimlp import create_model
-    from minimlp.training.trainer import Trainer, make_optimizer
+    from minimlp.losses import CrossEntropy
+    from minimlp.optim import make_optimizer
+    from minimlp.training.trainer import Trainer
     make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=8, size=(16, 16))
     train_set, _ = load_datasets(tmp_path / "data")
     loader = Loader(train_set, 4, train=True, img_size=16, workers=0)  # 4 steps per epoch
     model = create_model("resmlp_tiny", num_classes=2, img_size=16)
     optimizer = make_optimizer("adamw", model, 1e-3, 0.05)
     settings = dict(epochs=1, warmup_epochs=2, lr=1e-3, min_lr=1e-5, warmup_lr=1e-6, seed=0)
-    first = Trainer(model, optimizer, loader, loader, train_set.classes, settings, tmp_path)
+    first = Trainer(model, CrossEntropy(model.ops), optimizer, loader, loader, train_set.classes, settings, tmp_path)
     peak = first.learning_rate(3)  # the warmup was clipped to the 1-epoch run: its last step is at the peak
     position = json.loads(json.dumps(dict(first.position, epoch=1, global_step=4)))  # through a checkpoint
-    resumed = Trainer(model, optimizer, loader, loader, train_set.classes, dict(settings, epochs=3), tmp_path,
-                      position)
+    resumed = Trainer(model, CrossEntropy(model.ops), optimizer, loader, loader, train_set.classes,
+                      dict(settings, epochs=3), tmp_path, position)
     assert peak == pytest.approx(1e-3)
     assert 0.95 * peak < resumed.learning_rate(4) <= peak  # the cosine goes on, no dip into a new warmup
 

@@ -4,6 +4,7 @@ logits for the same (augmented) batch. DeiT's flags: --distillation-type {none,s
 --distillation-alpha 0.5 --distillation-tau 1.0.
 
     loss, dlogits = distillation_loss(logits, targets, teacher_logits, kind="hard", alpha=0.5, tau=1.0)
+    criterion = Distillation(teacher, "hard", 0.5, 1.0).criterion_for(images, smoothing)   # what the trainer runs
 
     loss = (1 - alpha) * base + alpha * distill
     base     the usual cross-entropy: targets are labels (B,) with label smoothing `smoothing`, or soft
@@ -62,3 +63,19 @@ def distillation_loss(logits, targets, teacher_logits=None, kind="soft", alpha=0
         distill_loss, distill_dlogits = hard_distillation(logits, teacher_logits)
     loss = base_loss * (1 - alpha) + distill_loss * alpha
     return loss, base_dlogits * (1 - alpha) + distill_dlogits * alpha
+
+
+class Distillation:
+    """What the trainer is given for --distillation-type soft/hard: the teacher (minimlp.training.teacher) and
+    the loss's settings. criterion_for(images, smoothing) runs the teacher on the very batch the student sees
+    and returns the step's criterion (logits, targets) -> (loss, dlogits)."""
+
+    def __init__(self, teacher, kind, alpha, tau):
+        self.teacher, self.kind, self.alpha, self.tau = teacher, kind, alpha, tau
+
+    def criterion_for(self, images, smoothing):
+        teacher_logits = self.teacher(images)
+
+        def criterion(logits, targets):
+            return distillation_loss(logits, targets, teacher_logits, self.kind, self.alpha, self.tau, smoothing)
+        return criterion

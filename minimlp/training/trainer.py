@@ -2,203 +2,60 @@
 (distillation: against the teacher's logits for the same batch) -> backward -> AdamW/LAMB -> EMA of the
 weights; an evaluation each epoch (of the EMA too), a log line, a checkpoint and a picture each epoch (and
 a checkpoint every --save-every minutes inside an epoch), exact resume; Ctrl-C, SIGTERM and SIGHUP save after
-the current step (StopSignals).
+the current step (minimlp.training.signals); the evaluation is minimlp.training.evaluation's.
 
 The state that makes resume exact (and that a checkpoint therefore holds): the weights, the
-optimizer's moments and step, the drop-path generator, the loss scaler under --amp (minimlp.loss_scaling),
+optimizer's moments and step, the drop-path generator, float16's loss scaler (minimlp.loss_scaling),
 the EMA (--model-ema), and where the run stands (epoch, next batch, global step, the partial epoch's loss
 sum). Batches depend only on (seed, epoch, batch index) (minimlp.data.loader), the learning rate only on the
 global step (minimlp.schedule), and the erasing and Mixup/CutMix draws on generators seeded by where they
 are (image_generators, mixup_generator): nothing of theirs to save.
 """
-import contextlib
-import signal
 import sys
 import time
 
 import numpy as np
 
 from .. import backend
-from .checkpoint import read_meta, save_run
 from ..data.datasets import DataError
 from ..data.device_feed import DeviceFeed
+from ..data.workers import WorkerDied
 from ..parallel.distributed import SingleProcess
-from .distillation import distillation_loss
-from ..loss_scaling import NoLossScaling
-from ..losses import cross_entropy
-from ..data.mixup import Mixup
-from ..optim import AdamW, Lamb
-from .plot import PlotError, draw_run
-from ..precision import autocast
-from .run_folder import append_log
-from .progress import Progress, let_go_of_a_lost_terminal, track, write
-from ..data.random_erasing import RandomErasing
+from ..precision import policy
 from ..schedule import lr_at
 from ..step import train_step
-from ..data.workers import WorkerDied
+from .checkpoint import read_meta, save_run
+from .evaluation import evaluate
+from .plot import PlotError, draw_run
+from .progress import Progress, write
+from .run_folder import append_log
+from .signals import EXIT_WORKER_DIED, Interrupted, StopSignals
 
 
 READ_LOSS_EVERY = 20  # steps between reading the training loss back from the device (for the bar, the sum)
 ERASING_STREAM, MIXUP_STREAM = 1, 2  # what a generator is for, in its seed: each augmentation draws its own
 
 
-# Signals that stop a run: Ctrl-C, and what Slurm, Kubernetes and `timeout` send before they kill.
-STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
-EXIT_WORKER_DIED = 1  # exit code of a run stopped by a loader worker that kept dying (checkpoint saved)
-
-
-class Interrupted(Exception):
-    """The run stopped early and saved a checkpoint. exit_code: 128 + the signal's number, as a shell
-    reports a process ended by that signal (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP); EXIT_WORKER_DIED."""
-
-    def __init__(self, message, exit_code=128 + signal.SIGINT):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class QuitAtOnce(KeyboardInterrupt):
-    """A second stop signal: quit now, without saving (exit_code 128 + its number)."""
-
-    def __init__(self, signum):
-        super().__init__(STOP_SIGNALS.get(signum, signal.Signals(signum).name))
-        self.exit_code = 128 + signum
-
-
-@contextlib.contextmanager
-def quit_on_stop_signals():
-    """Outside the training loop, SIGTERM and SIGHUP quit at once as Ctrl-C does (an exception, so that every
-    `finally` runs: workers stopped, temporary files removed, the run folder's lock released)."""
-    def quit_now(signum, frame):
-        if signum == signal.SIGHUP:
-            let_go_of_a_lost_terminal()  # so that saying "interrupted" on a closed terminal cannot fail
-        raise QuitAtOnce(signum)
-
-    previous = {number: signal.signal(number, quit_now) for number in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-def make_optimizer(name, model, lr, weight_decay):
-    if name == "adamw":
-        return AdamW(model, lr=lr, weight_decay=weight_decay)
-    if name == "lamb":
-        return Lamb(model, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"--opt {name!r}: choose adamw or lamb")
-
-
-def topk_correct(logits, labels, ks=(1, 5)):
-    """How many rows have their label among the k largest logits, for each k: a (len(ks),) array on the
-    logits' device."""
-    xp = backend.get_xp(logits)
-    ranked = xp.argsort(-logits, axis=1)[:, :max(ks)]
-    hits = ranked == labels[:, None]
-    return xp.stack([hits[:, :k].any(axis=1).sum() for k in ks])
-
-
-def evaluate(model, loader, feed=None, amp=False, desc="eval", world=SingleProcess()):
-    """Mean loss (no label smoothing) and top-1/top-5 in percent over every batch of `loader`.
-    amp: float16 matrix products, as in training with --amp. The sums stay on the device until the end,
-    so the host never waits for the GPU between batches. world (data parallel): each rank's loader holds its
-    shard of the validation set, and the sums are added up over the ranks."""
-    feed = feed or DeviceFeed(model.device, model.dtype)
-    totals = model.xp.zeros(3, dtype=np.float64)  # loss sum, top-1 hits, top-5 hits
-    count = 0
-    for x, y in track(feed.batches(loader.epoch(0)), len(loader), desc, unit="batch", every=0):
-        with autocast(amp):
-            logits = model.forward(x)
-        loss, _ = cross_entropy(logits, y)
-        totals[0] += loss.astype(np.float64) * len(y)
-        totals[1:] += topk_correct(logits, y)
-        count += len(y)
-    model.free_activations()
-    loss_sum, top1, top5, count = world.sum([*backend.to_numpy(totals).tolist(), count]).tolist()
-    return dict(val_loss=loss_sum / count, val_top1=100.0 * top1 / count, val_top5=100.0 * top5 / count)
-
-
-class StopSignals:
-    """While active (`with`), the first Ctrl-C, SIGTERM or SIGHUP only raises a flag: the loop saves a
-    checkpoint after the current step and stops (Interrupted). A second one quits at once (QuitAtOnce),
-    except inside `with signals.deferred():` (writing checkpoints and the log line), which it lets finish."""
-
-    def __init__(self):
-        self.signum = None  # the first stop signal received
-        self.agreed = 0  # the stop signal any rank has received (agree), 0 for none
-        self.deferring = 0
-        self.quit_after = None  # a second signal received while deferring
-        self.previous = {}
-
-    @property
-    def pressed(self):
-        return self.signum is not None
-
-    @property
-    def name(self):
-        return STOP_SIGNALS.get(self.agreed or self.signum, "")
-
-    def agree(self, world):
-        """Data parallel: whether any rank has received a stop signal (mpiexec passes Ctrl-C and SIGTERM on to
-        every rank, not at the same instant), so that every rank stops after the same step; a small
-        all-reduce (minimlp.parallel.distributed). A rank that takes another's signal treats its own, arriving later,
-        as its first."""
-        self.agreed = int(world.max(self.signum or 0))
-        return self.agreed != 0
-
-    def __enter__(self):
-        self.previous = {number: signal.signal(number, self.handle) for number in STOP_SIGNALS}
-        return self
-
-    def handle(self, signum, frame):
-        if signum == signal.SIGHUP:
-            let_go_of_a_lost_terminal()
-        if self.signum is None:
-            self.signum = signum
-            write(f"{STOP_SIGNALS[signum]}: saving a checkpoint after this step (again to quit at once)")
-        elif self.deferring:
-            self.quit_after = signum
-        else:
-            raise QuitAtOnce(signum)
-
-    @contextlib.contextmanager
-    def deferred(self):
-        self.deferring += 1
-        try:
-            yield
-        finally:
-            self.deferring -= 1
-        if not self.deferring and self.quit_after is not None:
-            raise QuitAtOnce(self.quit_after)
-
-    def __exit__(self, *exc_info):
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
-        self.previous = {}
-
-
 class Trainer:
-    """Wires a model, an optimizer and two loaders to the loop. `settings` is the run's configuration
-    (train.py's parsed flags as a dict: random erasing and Mixup/CutMix are built from it); `position` where
-    to continue (from a checkpoint); `scaler` a loss_scaling.LossScaler for mixed precision (--amp),
-    NoLossScaling for float32 throughout; `ema` a minimlp.training.ema.ModelEma (--model-ema); `teacher` a
-    callable images -> logits (minimlp.training.teacher, --distillation-type soft/hard)."""
+    """Wires a model, its loss, an optimizer and two loaders to the loop, each built by the caller (train.py).
+    `criterion` the loss (minimlp.losses.CrossEntropy: its smoothing, 0 under Mixup/CutMix); `settings` the
+    run's configuration (train.py's parsed flags as a dict: epochs, the schedule, clip_grad, seed, save_every;
+    recorded in each checkpoint); `position` where to continue (from a checkpoint); `precision` a
+    minimlp.precision.policy (--amp, --amp-dtype); `erasing` a minimlp.data.random_erasing.RandomErasing
+    (--reprob), `mixup` a minimlp.data.mixup.Mixup (--mixup/--cutmix); `ema` a minimlp.training.ema.ModelEma
+    (--model-ema); `distillation` a minimlp.training.distillation.Distillation (--distillation-type soft/hard)."""
 
-    def __init__(self, model, optimizer, train_loader, val_loader, classes, settings, output, position=None,
-                 scaler=NoLossScaling(), ema=None, teacher=None, world=SingleProcess()):
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, model, criterion, optimizer, train_loader, val_loader, classes, settings, output,
+                 position=None, precision=policy("float32"), erasing=None, mixup=None, ema=None, distillation=None,
+                 world=SingleProcess()):
+        self.model, self.criterion, self.optimizer = model, criterion, optimizer
         self.world = world  # data parallel (minimlp.parallel.distributed): rank 0 writes; gradients, losses, stops agreed
         self.train_loader, self.val_loader = train_loader, val_loader
         self.classes, self.settings, self.output = classes, settings, output
-        self.scaler = scaler
-        self.ema, self.teacher = ema, teacher
-        s = settings
-        self.erasing = (RandomErasing.from_flags(s["reprob"], s["remode"], s["recount"]) if s.get("reprob", 0) > 0
-                        else None)
-        self.mixup = None
-        if s.get("mixup", 0) > 0 or s.get("cutmix", 0) > 0 or s.get("cutmix_minmax") is not None:
-            self.mixup = Mixup(len(classes), s["mixup"], s["cutmix"], s["cutmix_minmax"], s["mixup_prob"],
-                               s["mixup_switch_prob"], s["mixup_mode"], label_smoothing=s["smoothing"])
+        self.precision = precision
+        self.scaler = precision.loss_scaler  # float16's; None in float32 and bfloat16
+        self.erasing, self.mixup = erasing, mixup
+        self.ema, self.distillation = ema, distillation
         self.xp = model.xp
         self.feed = DeviceFeed(model.device, model.dtype)
         self.peak_gpu_bytes = 0  # sampled after every step (GPU only)
@@ -281,7 +138,7 @@ class Trainer:
                 self.read_losses(pending)  # the steps done so far, for fit's checkpoint
                 bar.close()
                 raise
-            pending.append((self.train_step(x, y), len(y)))
+            pending.append((self.learn_from_batch(x, y), len(y)))
             p["images"] += len(y) * self.world.size  # the global batch's
             p["batch"] += 1
             p["global_step"] += 1
@@ -294,7 +151,7 @@ class Trainer:
                 self.read_losses(pending)
                 postfix = dict(loss=f"{p['loss_sum'] / p['images']:.4f}", lr=f"{self.optimizer.lr:.2e}",
                                img_s=f"{p['images'] / max(p['seconds'], 1e-9):.0f}",
-                               **(dict(skipped=self.scaler.skipped_steps) if self.scaler.half_precision else {}))
+                               **(dict(skipped=self.scaler.skipped_steps) if self.scaler else {}))
             bar.update(1, **postfix)
             if stopping:
                 bar.close()
@@ -341,29 +198,21 @@ class Trainer:
         p = self.position
         return np.random.default_rng([self.settings["seed"], MIXUP_STREAM, p["epoch"], p["batch"], self.world.rank])
 
-    def train_step(self, x, y):
+    def learn_from_batch(self, x, y):
         """Augment the normalized batch on the device (erasing, then Mixup/CutMix: DeiT's order), then one step
         of minimlp.step.train_step at the run's learning rate (with the distillation loss when there is a
-        teacher), then the EMA; returns the loss left on the device. Says so when --amp's loss scaler skips
+        teacher), then the EMA; returns the loss left on the device. Says so when float16's loss scaler skips
         a step."""
-        s = self.settings
-        smoothing = s["smoothing"]
         if self.erasing is not None:
             x = self.erasing(x, self.image_generators(ERASING_STREAM, len(y)))
         if self.mixup is not None:
             x, y = self.mixup(x, y, self.mixup_generator())
-            smoothing = 0.0  # already in Mixup's soft targets
-        criterion = None
-        if self.teacher is not None:
-            teacher_logits = self.teacher(x)  # the very batch the student sees
-
-            def criterion(logits, targets):
-                return distillation_loss(logits, targets, teacher_logits, s["distillation_type"],
-                                         s["distillation_alpha"], s["distillation_tau"], smoothing)
-        scale = self.scaler.scale
+        criterion = (self.criterion if self.distillation is None else  # the teacher sees the very batch the student does
+                     self.distillation.criterion_for(x, self.criterion.smoothing))
+        scale = self.scaler.scale if self.scaler else None
         loss, finite = train_step(self.model, self.optimizer, x, y, self.learning_rate(self.position["global_step"]),
-                                  self.scaler, smoothing=smoothing, clip_grad=s["clip_grad"], criterion=criterion,
-                                  sync=self.world)
+                                  self.precision, clip_grad=self.settings["clip_grad"], criterion=criterion,
+                                  sync=self.world if self.world.size > 1 else None)  # data parallel only
         if self.ema is not None:  # after every step, as timm's ModelEma (a skipped step left the weights as they were)
             self.ema.update(self.model.parameters.data)
         if not finite:
@@ -379,10 +228,10 @@ class Trainer:
             self.save("checkpoint.npz")
             raise Interrupted(f"{stop.name}: stopped after the training part of epoch {p['epoch'] + 1} (checkpoint "
                               f"saved); {self.resume_hint()}", 128 + stop.agreed)
-        metrics = evaluate(self.model, self.val_loader, self.feed, amp=self.scaler.half_precision, world=self.world)
+        metrics = evaluate(self.model, self.val_loader, self.feed, self.precision.matmul_dtype, world=self.world)
         if self.ema is not None:  # the average of the weights, evaluated in their place
             with self.ema.swapped_into(self.model.parameters.data):
-                averaged = evaluate(self.model, self.val_loader, self.feed, amp=self.scaler.half_precision,
+                averaged = evaluate(self.model, self.val_loader, self.feed, self.precision.matmul_dtype,
                                     desc="eval EMA", world=self.world)
             metrics.update({f"ema_{name}": value for name, value in averaged.items()})
         record = dict(epoch=p["epoch"] + 1, train_loss=p["loss_sum"] / max(p["images"], 1), **metrics,
@@ -391,7 +240,7 @@ class Trainer:
         extra = ""
         if self.ema is not None:
             extra += f"  EMA top-1 {record['ema_val_top1']:.2f}%  top-5 {record['ema_val_top5']:.2f}%"
-        if self.scaler.half_precision:  # AMP runs only: steps skipped so far in the run, and the loss scale now
+        if self.scaler:  # float16 runs only: steps skipped so far in the run, and the loss scale now
             record.update(skipped_steps=self.scaler.skipped_steps, loss_scale=self.scaler.scale)
             extra += f"  {record['skipped_steps']} skipped steps"
         if self.model.device == "gpu":  # GPU runs only
@@ -429,6 +278,6 @@ class Trainer:
         """Rank 0 writes: every rank holds the same weights, optimizer state, generators and position."""
         with self.signals.deferred():  # a second Ctrl-C/SIGTERM lets the file be written whole first
             if self.world.is_writer:
-                save_run(self.output / filename, self.model, self.optimizer, self.scaler, self.position, self.classes,
-                         self.settings, self.ema)
+                save_run(self.output / filename, self.model, self.optimizer, self.precision, self.position,
+                         self.classes, self.settings, self.ema)
         self.last_save = time.monotonic()
