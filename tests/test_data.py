@@ -291,8 +291,8 @@ def test_large_jpeg_train_crop_uses_draft_and_matches_full_decode(tmp_path, draf
         drafted = train_transform(path, 64, np.random.default_rng(seed)).astype(np.int64)
         rng = np.random.default_rng(seed)
         left, top, crop_w, crop_h = random_resized_crop_box(1600, 1200, rng)
-        crop = full_decode(path).resize((64, 64), Image.Resampling.BILINEAR,
-                                        box=(left, top, left + crop_w, top + crop_h))
+        crop = full_decode(path).crop((left, top, left + crop_w, top + crop_h)).resize((64, 64),
+                                                                                      Image.Resampling.BILINEAR)
         plain = to_chw(crop)[:, :, ::-1] if rng.random() < 0.5 else to_chw(crop)
         assert np.abs(drafted - plain).mean() < 2
         assert len(draft_scales) == seed + 1
@@ -393,8 +393,8 @@ def test_train_transform_is_crop_then_flip_from_the_generator(tmp_path):
         out = train_transform(path, 24, np.random.default_rng(seed))
         rng = np.random.default_rng(seed)
         left, top, crop_w, crop_h = random_resized_crop_box(48, 40, rng)
-        expected = to_chw(source.resize((24, 24), Image.Resampling.BILINEAR,
-                                        box=(left, top, left + crop_w, top + crop_h)))
+        expected = to_chw(torchvision.transforms.functional.resized_crop(
+            source, top, left, crop_h, crop_w, [24, 24], torchvision.transforms.InterpolationMode.BILINEAR))
         flipped = rng.random() < 0.5
         flips.add(flipped)
         assert out.shape == (3, 24, 24) and out.dtype == np.uint8
@@ -403,16 +403,21 @@ def test_train_transform_is_crop_then_flip_from_the_generator(tmp_path):
     assert flips == {True, False}
 
 
-@pytest.mark.parametrize("interpolation, resample", [("bilinear", Image.Resampling.BILINEAR),
-                                                    ("bicubic", Image.Resampling.BICUBIC)])
-def test_train_interpolation_is_the_crop_filter(tmp_path, interpolation, resample):
-    path = save_image(tmp_path / "small.png", size=(48, 40), seed=15)
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_train_crop_is_torchvisions_resized_crop_pixel_for_pixel(tmp_path, interpolation):
+    """RandomResizedCrop's crop then resize (torchvision's F.resized_crop on the PIL image) with the train
+    filter: equal in every pixel, the crop's edges included, on noise (which shows any pixel read from
+    outside the box), for boxes inside the image, at its edges and the whole image."""
+    path = save_image(tmp_path / "noise.png", size=(48, 40), seed=15)
     source = Image.open(path).convert("RGB")
-    for seed in range(3):
-        out = train_transform(path, 24, np.random.default_rng(seed), interpolation=interpolation, hflip=0.0)
-        left, top, crop_w, crop_h = random_resized_crop_box(48, 40, np.random.default_rng(seed))
-        expected = to_chw(source.resize((24, 24), resample, box=(left, top, left + crop_w, top + crop_h)))
-        assert np.array_equal(out, expected)
+    mode = torchvision.transforms.InterpolationMode[interpolation.upper()]
+    scales = [(0.08, 1.0)] * 6 + [(1.0, 1.0)]
+    for seed, scale in enumerate(scales):
+        out = train_transform(path, 24, np.random.default_rng(seed), scale, interpolation=interpolation, hflip=0.0)
+        left, top, crop_w, crop_h = random_resized_crop_box(48, 40, np.random.default_rng(seed), scale)
+        expected = to_chw(torchvision.transforms.functional.resized_crop(source, top, left, crop_h, crop_w, [24, 24],
+                                                                         mode))
+        assert np.array_equal(out, expected), (seed, (left, top, crop_w, crop_h))
 
 
 def test_random_train_interpolation_draws_the_filter_after_the_box(tmp_path):
@@ -426,8 +431,8 @@ def test_random_train_interpolation_draws_the_filter_after_the_box(tmp_path):
         left, top, crop_w, crop_h = random_resized_crop_box(48, 40, rng)
         resample = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)[rng.integers(2)]
         chosen.append(resample)
-        assert np.array_equal(out, to_chw(source.resize((24, 24), resample, box=(left, top, left + crop_w,
-                                                                                top + crop_h))))
+        assert np.array_equal(out, to_chw(source.crop((left, top, left + crop_w, top + crop_h)).resize((24, 24),
+                                                                                                     resample)))
     assert set(chosen) == {Image.Resampling.BILINEAR, Image.Resampling.BICUBIC}
     with pytest.raises(ValueError, match="--train-interpolation 'nearest'"):
         train_transform(path, 24, np.random.default_rng(0), interpolation="nearest")
@@ -449,8 +454,8 @@ def test_randaugment_comes_after_crop_and_flip_from_the_same_generator(tmp_path)
         out = train_transform(path, 24, np.random.default_rng(seed), interpolation="bicubic", auto_augment=augment)
         rng = np.random.default_rng(seed)
         left, top, crop_w, crop_h = random_resized_crop_box(48, 40, rng)
-        crop = Image.open(path).convert("RGB").resize((24, 24), Image.Resampling.BICUBIC,
-                                                      box=(left, top, left + crop_w, top + crop_h))
+        crop = Image.open(path).convert("RGB").crop((left, top, left + crop_w, top + crop_h)).resize(
+            (24, 24), Image.Resampling.BICUBIC)
         if rng.random() < 0.5:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         plain = to_chw(crop)
