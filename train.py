@@ -23,7 +23,7 @@ from minimlp.training.checkpoint import (check_compatible, check_not_rewinding, 
 from minimlp.training.command_line import ArgumentParser
 from minimlp.training.config import RECIPES, complete_settings, dataset_defaults
 from minimlp.data.datasets import DataError, load_datasets
-from minimlp.parallel.distributed import connect
+from minimlp.parallel.distributed import MPIUnavailable, connect, rank_from_environment
 from minimlp.training.distillation import KINDS as DISTILLATION_TYPES, Distillation
 from minimlp.training.ema import ModelEma
 from minimlp.data.loader import Loader
@@ -153,7 +153,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    world = connect()  # MPIWorld under mpiexec (data parallel: minimlp.parallel.distributed), else SingleProcess
+    try:
+        world = connect()  # MPIWorld under mpiexec (data parallel: minimlp.parallel.distributed), else SingleProcess
+    except MPIUnavailable as error:  # every rank fails alike, without MPI to agree: rank 0 says so
+        if rank_from_environment() == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
     world.quiet_other_ranks()
     return world.exit(run_and_report(args, world))
 

@@ -357,6 +357,8 @@ def test_sigterm_stops_every_rank_at_one_step_and_one_process_resumes_the_two_ra
 
 
 @needs_mpi
+    segments = mpich_segments_of(rank_1)
+    assert segments, "MPICH maps a shared-memory segment in every rank of a machine"
 def test_a_killed_rank_stops_the_whole_job_within_seconds(shapes, tmp_path):
     process = start_two_ranks(shapes, tmp_path / "run")
     lines = wait_for_line(process, "data parallel: 2 ranks")
@@ -364,6 +366,29 @@ def test_a_killed_rank_stops_the_whole_job_within_seconds(shapes, tmp_path):
     wait_for_line(process, "epoch 1/30  train loss")
     killed = time.monotonic()
     os.kill(rank_1, signal.SIGKILL)
+    assert not [path for path in segments if Path(path).exists()]  # nothing left in /dev/shm (2.1 MB each)
+
+
+def mpich_segments_of(pid):
+    """The /dev/shm/mpich_shm_* files that process `pid` has mapped, by name, whether the name is still there
+    or not (only this job's, whatever other jobs on the machine hold in /dev/shm)."""
+    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return {line.split()[5] for line in lines if "/dev/shm/mpich_shm_" in line}
+
+
+@pytest.mark.parametrize("rank, lines", [(0, 1), (1, 0)])
+def test_mpiexec_without_mpi4py_is_one_line_from_rank_0_and_exit_2(tmp_path, rank, lines):
+    """MPI is optional at install (requirements-mpi.txt): mpiexec's variables without an importable mpi4py."""
+    hidden = tmp_path / "mpi4py"
+    hidden.mkdir()
+    (hidden / "__init__.py").write_text("raise ImportError('No module named mpi4py')\n")
+    environment = {**environment_without_mpi(), "PMI_RANK": str(rank), "PMI_SIZE": "2", "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, ROOT / "train.py", "--epochs", "1"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env=environment)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == ["error: mpiexec started this process, but mpi4py cannot be imported (No "
+                                          "module named mpi4py): pip install -r requirements-mpi.txt, or run without "
+                                          "mpiexec (one process)"][:lines]
     output = process.stdout.read()
     code = process.wait(timeout=60)
     assert time.monotonic() - killed < 15, output

@@ -19,6 +19,7 @@ Both worlds have the same methods, so the training step (minimlp.step) and the l
     barrier(), from_writer(f)  wait for every rank; f() on rank 0, its result on every rank
     check_same(settings)       refuse to start when ranks run other flags or other code
 Rank 0 is the writer (logs, checkpoints, progress); the other ranks print nothing but warnings and
+    collect(items)             every rank's items as one list (the loaders' unreadable files)
 their error (see quiet_other_ranks).
 
 Faults. A rank that fails with an error prints one line, "rank r/K: error: ...", and aborts the job
@@ -67,12 +68,51 @@ def mpiexec():
 
 
 def connect(environ=None):
-    """The world this process belongs to: MPIWorld under mpiexec, else SingleProcess."""
+    """The world this process belongs to: MPIWorld under mpiexec, else SingleProcess. MPIUnavailable when
+    mpiexec started it but mpi4py cannot be imported (MPI is optional: requirements-mpi.txt)."""
     return MPIWorld() if launched_by_mpi(environ) else SingleProcess()
 
 
 class SingleProcess:
     """One process, no MPI: every method is the one-rank answer."""
+
+class MPIUnavailable(Exception):
+    """Started by mpiexec, without an importable mpi4py; the message says what to install."""
+
+
+def rank_from_environment(environ=None):
+    """This process's rank as the launcher's variables tell it (before any MPI call), 0 when they do not."""
+    environ = os.environ if environ is None else environ
+    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if environ.get(name, "").isdigit():
+            return int(environ[name])
+    return 0
+
+
+def mapped_mpich_segments(maps="/proc/self/maps"):
+    """The MPICH shared-memory files (/dev/shm/mpich_shm_*) this process has mapped and that still have a name."""
+    try:
+        lines = Path(maps).read_text().splitlines()
+    except OSError:  # not Linux
+        return []
+    paths = {line.split(maxsplit=5)[5] for line in lines if len(line.split(maxsplit=5)) == 6}
+    return sorted(path for path in paths if path.startswith("/dev/shm/mpich_shm_") and not path.endswith("(deleted)"))
+
+
+def unlink_shared_memory(local):
+    """MPICH keeps the name of its shared-memory segment (/dev/shm/mpich_shm_*, 2.1 MB per machine) until
+    MPI_Finalize: every job that ends in an abort or a kill -9 would leave one behind, and ~30 fill Docker's
+    64 MB /dev/shm. MPI_Init maps it in every rank of the machine; once they all have (the barrier over the
+    machine's ranks, `local`), its first rank removes the name. The memory stays the ranks' until they end,
+    however they end, and the kernel frees it then."""
+    local.Barrier()
+    if local.Get_rank() == 0:
+        for path in mapped_mpich_segments():
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
 
     rank, size, local_rank = 0, 1, 0
     is_writer = True
@@ -88,6 +128,9 @@ class SingleProcess:
 
     def max(self, value):
         return value
+
+    def collect(self, items):
+        return list(items)
 
     def sum(self, values):
         return np.asarray(values)
@@ -121,10 +164,16 @@ class MPIWorld:
     is_writer = property(lambda self: self.rank == 0)
 
     def __init__(self, bucket_bytes=None, timeout=COLLECTIVE_TIMEOUT):
-        from mpi4py import MPI
+        try:
+            from mpi4py import MPI
+        except ImportError as error:
+            raise MPIUnavailable(f"mpiexec started this process, but mpi4py cannot be imported ({error}): "
+                                 "pip install -r requirements-mpi.txt, or run without mpiexec (one process)") from None
         self.MPI, self.comm = MPI, MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.local_rank = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        machine = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_rank = machine.Get_rank()
+        unlink_shared_memory(machine)
         self.bucket_bytes, self.timeout = bucket_bytes, timeout
         self.name = f"rank {self.rank}/{self.size}"
         self.averaging = {}  # id(parameters) -> BucketedMean
@@ -169,6 +218,14 @@ class MPIWorld:
     def max(self, value):
         """The largest of the ranks' integers (a stop signal's number, 0 for none; a bool)."""
         return int(self._allreduce(np.array([int(value)]), self.MPI.MAX, "agreeing on stopping")[0])
+
+    def collect(self, items):
+        """Every rank's items (picklable), in rank order, as one list on every rank. Their number is agreed
+        first (an all-reduce of one number, with the watchdog): the usual case, nothing to send, ends there."""
+        items = list(items)
+        if not self.sum([len(items)])[0]:
+            return []
+        return [item for theirs in self.comm.allgather(items) for item in theirs]
 
     def sum(self, values):
         return self._allreduce(np.asarray(values, dtype=np.float64), self.MPI.SUM, "adding up over the ranks")
@@ -222,7 +279,7 @@ class MPIWorld:
         """Make GPU local_rank the current CUDA device (before any CuPy work), unless the run is on the CPU."""
         if device == "cpu":
             return
-        from . import backend
+        from .. import backend
         if not backend.gpu_available():
             return  # resolve_device says what is wrong (gpu) or chooses the CPU (auto)
         import cupy
