@@ -134,7 +134,7 @@ except ImportError:
     mpi4py = None
 if launcher is None or mpi4py is None:
     print(f"skipping section 2: {'no mpiexec found' if launcher is None else 'mpi4py is not installed'} "
-          "(pip install -r requirements.txt brings MPICH and mpi4py); sections 1, 3 and 4 need no MPI")
+          "(pip install -r requirements-mpi.txt brings MPICH and mpi4py); sections 1, 3 and 4 need no MPI")
 else:
     folder = output_dir() / "16_ranks"
     folder.mkdir(exist_ok=True)

@@ -36,7 +36,7 @@ FAST = ["--model", "resmlp_tiny", "--img-size", "16", "--warmup-epochs", "0", "-
         "--workers", "0", "--save-every", "0", "--drop-path", "0.1", "--repeated-aug", "--reprob", "0.5"]
 
 
-needs_mpi = pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (pip install -r requirements.txt brings MPICH)")
+needs_mpi = pytest.mark.skipif(mpiexec() is None, reason="no mpiexec (pip install -r requirements-mpi.txt brings MPICH)")
 
 
 def launch(ranks, *args, check=True, timeout=300):
