@@ -251,6 +251,25 @@ def test_a_batch_made_short_by_an_unreadable_image_weighs_by_its_images(shapes, 
     common = ["--data", data, "--steps", 8, "--dtype", "float64", "--drop-path", 0]
     one = launch(1, script, tmp_path / "one", *common, "--batch-size", 16)
     launch(2, script, tmp_path / "two", *common, "--batch-size", 8)
+@needs_mpi
+def test_repeated_augmentation_on_a_number_of_images_that_two_ranks_do_not_split(shapes, tmp_path):
+    """79 training images: one process x 16 takes 79 positions of the repeated order, 4 batches; two ranks x 8
+    take 39 each (floor), 4 batches too, so 8 steps (two epochs) end at the same weights. With timm's ceil(79 / 2)
+    = 40 per rank they made 5 batches an epoch and the second epoch began elsewhere."""
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    first_image = load_datasets(data)[0].samples[0][0]
+    Path(first_image).unlink()
+    script = ROOT / "tests" / "data_parallel_run.py"
+    common = ["--data", data, "--steps", 8, "--dtype", "float64"]
+    launch(1, script, tmp_path / "one", *common, "--batch-size", 16)
+    launch(2, script, tmp_path / "two", *common, "--batch-size", 8)
+    results = [json.loads((tmp_path / name / "result.json").read_text()) for name in ("one", "two")]
+    assert [result["batches_per_epoch"] for result in results] == [4, 4]
+    weights = [np.load(tmp_path / name / "weights.npz") for name in ("one", "two")]
+    assert max_difference(*weights) < 1e-12
+
+
     assert f"skipping unreadable image {broken}" in one.stderr
     weights = [np.load(tmp_path / name / "weights.npz") for name in ("one", "two")]
     assert max_difference(*weights) < 1e-12

@@ -19,8 +19,9 @@ def test_each_rank_takes_timms_indices_for_the_same_shuffle(num_samples, num_rep
             theirs = RepeatAugSampler(list(range(num_samples)), num_replicas=num_replicas, rank=rank)
             theirs.set_epoch(epoch)
             ours = RepeatedAugmentationSampler(num_samples, num_replicas=num_replicas, rank=rank)
-            assert len(ours) == len(theirs)
-            assert ours.order_from_permutation(permutation).tolist() == list(theirs)
+            # below 256 images timm takes ceil(n / K) per rank, we floor(n / K): a prefix of its order
+            assert len(ours) == (len(theirs) if num_samples >= 256 else num_samples // num_replicas)
+            assert ours.order_from_permutation(permutation).tolist() == list(theirs)[:len(ours)]
 
 
 def test_epoch_lengths():
@@ -28,7 +29,26 @@ def test_epoch_lengths():
     assert samples_per_rank(1_281_167, num_replicas=8) == 160_128
     assert samples_per_rank(1400) == 1280 and samples_per_rank(100) == 100
     assert samples_per_rank(1400, selected_round=0) == 1400
-    assert samples_per_rank(10, num_replicas=4) == 3  # ceil(10 / 4)
+    assert samples_per_rank(10, num_replicas=4) == 2  # floor(10 / 4): K ranks take no more than one process
+
+
+@pytest.mark.parametrize("num_samples", [159, 255, 256, 1283])
+@pytest.mark.parametrize("num_replicas, batch_size", [(2, 8), (3, 5), (4, 16)])
+def test_k_ranks_take_the_batches_of_one_process_for_any_number_of_images(num_samples, num_replicas, batch_size):
+    """K ranks x b make as many steps as one process x K*b, and their batches together hold its batches' samples
+    at its positions (159 images, 2 x 8: 9 steps each; timm's ceil(n / K) per rank would make 10)."""
+    one = RepeatedAugmentationSampler(num_samples, seed=2)
+    ranks = [RepeatedAugmentationSampler(num_samples, seed=2, num_replicas=num_replicas, rank=rank)
+             for rank in range(num_replicas)]
+    steps = len(one) // (num_replicas * batch_size)
+    assert [len(shard) // batch_size for shard in ranks] == [steps] * num_replicas
+    taken = steps * num_replicas * batch_size
+    positions = np.sort(np.concatenate([shard.global_positions()[:steps * batch_size] for shard in ranks]))
+    assert np.array_equal(positions, one.global_positions()[:taken])
+    interleaved = np.empty(taken, dtype=np.int64)
+    for rank, shard in enumerate(ranks):
+        interleaved[rank::num_replicas] = shard.epoch_order(1)[:steps * batch_size]
+    assert np.array_equal(interleaved, one.epoch_order(1)[:taken])
 
 
 def test_one_process_order_repeats_each_image_three_times_in_a_row():

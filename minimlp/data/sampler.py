@@ -16,22 +16,23 @@ one-process order. Augmenting the sample at global position p with the generator
 therefore gives the same images whatever K is.
 
 Epoch length per rank (timm's num_selected_samples): floor(n // 256 * 256 / K) when n >= 256 (DeiT
-rounds the dataset down to a multiple of 256), else ceil(n / K). Set selected_round=0 for the latter
-always. One difference from DeiT/timm: they seed the shuffle with the epoch alone (the same order for
-every --seed); we use [seed, epoch], as the plain shuffle does.
+rounds the dataset down to a multiple of 256), else floor(n / K). Set selected_round=0 for the latter
+always. Two differences from DeiT/timm: they seed the shuffle with the epoch alone (the same order for
+every --seed), we use [seed, epoch], as the plain shuffle does; and below 256 images timm takes
+ceil(n / K) per rank, so that K ranks take up to K - 1 positions more than one process and, with b
+images per rank, can make one step more than one process with K x b (159 images, 2 x 8: 10 steps
+against 9). floor keeps K ranks x b equal to one process x K*b for every n: both take the positions
+0 .. floor(n / (K b)) K b - 1 in whole batches.
 """
-import math
-
 import numpy as np
 
 
-def samples_per_rank(num_samples, num_replicas=1, repeats=3, selected_round=256):
-    """How many samples each of num_replicas ranks takes per epoch (timm's RepeatAugSampler)."""
+def samples_per_rank(num_samples, num_replicas=1, selected_round=256):
+    """How many samples each of num_replicas ranks takes per epoch (timm's RepeatAugSampler, floor below
+    selected_round images: see above)."""
     if selected_round and num_samples >= selected_round:
-        selected = num_samples // selected_round * selected_round // num_replicas
-    else:
-        selected = math.ceil(num_samples / num_replicas)
-    return min(selected, math.ceil(num_samples * repeats / num_replicas))
+        return num_samples // selected_round * selected_round // num_replicas
+    return num_samples // num_replicas
 
 
 class ShuffleSampler:
@@ -76,10 +77,9 @@ class RepeatedAugmentationSampler(ShuffleSampler):
         if not (isinstance(repeats, int) and repeats >= 1):
             raise ValueError(f"repeats must be a whole number >= 1, got {repeats}")
         self.repeats = repeats
-        self.length = samples_per_rank(num_samples, num_replicas, repeats, selected_round)
+        self.length = samples_per_rank(num_samples, num_replicas, selected_round)
 
     def order_from_permutation(self, permutation):
         """This rank's sample indices for a given shuffle: every index repeated, then the rank's positions
-        (wrapping around the repeated list where K shards need more than it holds, as timm pads)."""
-        repeated = np.repeat(np.asarray(permutation), self.repeats)
-        return repeated[self.global_positions() % len(repeated)]
+        (K shards never need more than the repeated list holds: timm's wrap-around padding is not needed)."""
+        return np.repeat(np.asarray(permutation), self.repeats)[self.global_positions()]
