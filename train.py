@@ -39,6 +39,7 @@ from minimlp.data.synthetic import ensure_shapes_dataset
 from minimlp.training.teacher import load_teacher
 from minimlp.data.transforms import IMAGENET_MEAN, TRAIN_INTERPOLATIONS
 from minimlp.losses import CrossEntropy
+from minimlp.ops import select
 from minimlp.optim import make_optimizer
 from minimlp.training.evaluation import evaluate
 from minimlp.training.signals import Interrupted, quit_on_stop_signals
@@ -222,12 +223,13 @@ def run(args, world):
         print(description + f"; global batch {world.size} x {args.batch_size} = {world.size * args.batch_size}")
     if meta is not None:
         check_compatible(args.resume, meta, vars(args), train_set.classes, args.eval_only)
+    operations = select(device, "float32", args.fast)  # given to the model, the loss and the optimizer
     model = create_model(args.model, num_classes=len(train_set.classes), img_size=args.img_size,
                          patch_size=args.patch_size, drop_path=args.drop_path, device=device, seed=args.seed,
-                         fast=args.fast)
+                         ops=operations)
     model.drop_path_shard = (world.rank, world.size)  # the rank's slice of the global batch's masks
     print(f"model: {args.model}, {model.num_params() / 1e6:.2f}M parameters, {model.num_patches} patches, "
-          f"{model.ops.name} operations; "
+          f"{operations.name} operations; "
           f"data: {len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes")
     val_loader = Loader(val_set, args.batch_size, train=False, img_size=args.img_size, crop_pct=args.crop_pct,
                         seed=args.seed, workers=args.workers, rank=world.rank, num_replicas=world.size)
@@ -247,7 +249,7 @@ def run(args, world):
                           seed=args.seed, workers=args.workers, interpolation=args.train_interpolation,
                           hflip=args.hflip, auto_augment=auto_augment, sampler=sampler, rank=world.rank,
                           num_replicas=world.size)
-    optimizer = make_optimizer(args.opt, model, args.lr, args.weight_decay)
+    optimizer = make_optimizer(args.opt, model.parameters, operations, args.lr, args.weight_decay)
     scaler = LossScaler() if args.amp else NoLossScaling()
     ema = ModelEma(model.parameters.data, args.model_ema_decay) if args.model_ema else None
     erasing = RandomErasing.from_flags(args.reprob, args.remode, args.recount) if args.reprob > 0 else None
@@ -255,7 +257,7 @@ def run(args, world):
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
         mixup = Mixup(len(train_set.classes), args.mixup, args.cutmix, args.cutmix_minmax, args.mixup_prob,
                       args.mixup_switch_prob, args.mixup_mode, label_smoothing=args.smoothing)
-    criterion = CrossEntropy(model.ops, 0.0 if mixup else args.smoothing)  # Mixup's soft targets hold the smoothing
+    criterion = CrossEntropy(operations, 0.0 if mixup else args.smoothing)  # Mixup's soft targets hold the smoothing
     distillation = None
     if args.distillation_type != "none":
         teacher = load_teacher(args.teacher_model, args.teacher_path, len(train_set.classes), args.img_size, device,

@@ -10,7 +10,8 @@ Parameters and gradients live in two flat buffers (minimlp.parameters); `model.p
 """
 import numpy as np
 
-from . import backend, ops
+from . import backend
+from .ops import REFERENCE_OPERATIONS, select
 from .layers import drop_path_mask
 from .parameters import Parameters
 from .weights import WeightsError, read_weights, timm_to_official
@@ -41,16 +42,19 @@ BLOCK_PARAMETERS = ["gamma_1", "gamma_2", "norm1.alpha", "norm1.beta", "attn.wei
                     "norm2.alpha", "norm2.beta", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
 
 
-def create_model(name, device="cpu", dtype="float32", seed=0, fast=True, **overrides):
+def create_model(name, device="cpu", dtype="float32", seed=0, fast=True, ops=None, **overrides):
     """A ResMLP preset by name; any of its settings (num_classes, img_size, patch_size, dim, depth,
-    layerscale_init, drop_path) can be overridden. fast=False runs the reference layers only
-    (minimlp.ops: the fast path of the device is chosen here, once)."""
+    layerscale_init, drop_path) can be overridden. ops: the operations it runs (minimlp.ops.select, the
+    object the loss and the optimizer are given too); by default select(device, dtype, fast): fast=False
+    runs the reference layers only."""
     name = preset_name(name)
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(PRESETS)} (or DeiT's or timm's name "
                          "of one of them)")
     config = {**PRESETS[name], **{key: value for key, value in overrides.items() if value is not None}}
-    return ResMLP(**config, device=device, dtype=dtype, seed=seed, name=name, fast=fast)
+    device = backend.resolve_device(device)
+    ops = ops or select(device, dtype, fast)
+    return ResMLP(**config, device=device, dtype=dtype, seed=seed, name=name, ops=ops)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +66,7 @@ def create_model(name, device="cpu", dtype="float32", seed=0, fast=True, **overr
 # `op` is the namespace of operations the model runs (minimlp.ops.select): the reference layers, or
 # a fast path with the same functions.
 # ---------------------------------------------------------------------------------------------
-def block_forward(tokens, p, masks=(None, None), op=ops.REFERENCE_OPERATIONS):
+def block_forward(tokens, p, masks=(None, None), op=REFERENCE_OPERATIONS):
     """p: the block's parameters by short name (BLOCK_PARAMETERS); masks: drop-path masks (B,) or None."""
     patches, images, dim = tokens.shape
     normed, norm1 = op.affine_forward(tokens, p["norm1.alpha"], p["norm1.beta"])
@@ -78,7 +82,7 @@ def block_forward(tokens, p, masks=(None, None), op=ops.REFERENCE_OPERATIONS):
     return out, (norm1, attn, residual1, norm2, fc1, act, fc2, residual2)
 
 
-def block_backward(dout, cache, op=ops.REFERENCE_OPERATIONS):
+def block_backward(dout, cache, op=REFERENCE_OPERATIONS):
     """dout (N, B, d) -> (dtokens, {short name: gradient}). A residual passes its gradient through
     unchanged and adds the branch's: dx = dy + d(branch)/dx."""
     norm1, attn, residual1, norm2, fc1, act, fc2, residual2 = cache
@@ -99,8 +103,10 @@ def block_backward(dout, cache, op=ops.REFERENCE_OPERATIONS):
 
 
 class ResMLP:
-    def __init__(self, num_classes, img_size, patch_size, dim, depth, layerscale_init, drop_path=0.0,
-                 in_chans=3, mlp_ratio=4, device="cpu", dtype="float32", seed=0, name="resmlp", fast=True):
+    """ops: the operations the model runs (minimlp.ops.select for its device and dtype), kept as `model.ops`."""
+
+    def __init__(self, num_classes, img_size, patch_size, dim, depth, layerscale_init, ops, drop_path=0.0,
+                 in_chans=3, mlp_ratio=4, device="cpu", dtype="float32", seed=0, name="resmlp"):
         if patch_size < 1 or img_size < patch_size:
             raise ValueError(f"patch_size must be between 1 and img_size {img_size}, got {patch_size}")
         if img_size % patch_size:
@@ -113,7 +119,7 @@ class ResMLP:
         self.device = backend.resolve_device(device)
         self.xp = backend.get_module(self.device)
         self.dtype = np.dtype(dtype)
-        self.ops = ops.select(self.device, self.dtype, fast)  # the reference layers, or the device's fast path
+        self.ops = ops  # the reference layers, or the device's fast path
         self.num_patches = (img_size // patch_size) ** 2
         self.parameters = Parameters(self._shapes(), self.xp, self.dtype)
         self.params, self.grads = self.parameters.values, self.parameters.grads

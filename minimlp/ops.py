@@ -9,8 +9,11 @@ in fewer passes over memory:
     minimlp.fast.cpu_kernels    fused, multi-threaded loops compiled by Numba, for NumPy arrays on the CPU
 
 `select(device, dtype, fast)` starts from the reference and replaces what the device's fast module
-offers (its OPERATIONS). The model keeps the result as `model.ops`; nothing tests for a fast path on
-every call, and there is no global switch. tests/test_fast_paths.py runs every fast operation and
+offers (its OPERATIONS). The one object it returns is given to the model (create_model(..., ops=), kept as
+`model.ops`), to the loss (minimlp.losses.CrossEntropy, which training and evaluation both run) and to the
+optimizer (AdamW takes its update from it); nothing tests for a fast path on every call, and there is no
+global switch. The dependency runs one way: this module lists the reference functions of layers, losses
+and optim, which never import it. tests/test_fast_paths.py runs every fast operation and
 the reference on the same inputs.
 """
 import importlib

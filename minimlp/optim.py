@@ -1,8 +1,8 @@
 """Optimizers that update a model's flat parameter buffer (minimlp.parameters) in place.
 
-    optimizer = AdamW(model, lr=5e-4, weight_decay=0.05)
+    optimizer = AdamW(model.parameters, model.ops, lr=5e-4, weight_decay=0.05)   # ops: minimlp.ops.select
     for step in range(total_steps):
-        loss, dlogits = cross_entropy(model.forward(images, train=True), labels)
+        loss, dlogits = criterion(model.forward(images, train=True), labels)       # minimlp.losses.CrossEntropy
         model.backward(dlogits)                       # overwrites model.parameters.grad
         clip_grad_norm(model.parameters, 5.0)         # optional, scales grad in place
         optimizer.lr = lr_at(step, base_lr=5e-4, total_steps=total_steps, warmup_steps=...)
@@ -11,7 +11,9 @@
 Weight decay applies only where `parameters.decay_mask()` is 1 (matrices and conv kernels), never to
 1-D parameters (Affine alpha/beta, LayerScale gammas, biases). AdamW works on whole buffers, a few
 vectorised operations per step whatever the number of tensors; Lamb's trust ratio is per tensor, so it
-loops over the named slices for the norms. Neither optimizer changes `grad`.
+loops over the named slices for the norms. Neither optimizer changes `grad`. AdamW's update over the buffers
+is one of the device's operations it is given (`ops.adamw_update`: adamw_update below, or a fused kernel of
+minimlp.fast); LAMB has no fast path.
 """
 import math
 
@@ -41,8 +43,8 @@ class Optimizer:
 
     hyperparameters = {}  # {name: conversion back from a checkpoint} of the settings a checkpoint records
 
-    def __init__(self, model, lr):
-        self.parameters = model.parameters
+    def __init__(self, parameters, lr):
+        self.parameters = parameters
         self.xp = self.parameters.xp
         self.lr = lr
         self.m = self.xp.zeros_like(self.parameters.data)  # first moment (running mean of g)
@@ -108,12 +110,12 @@ class AdamW(Optimizer):
 
     hyperparameters = {"betas": _floats, "eps": float, "weight_decay": float}
 
-    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05):
-        super().__init__(model, lr)
+    def __init__(self, parameters, ops, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05):
+        super().__init__(parameters, lr)
         self.betas = tuple(float(beta) for beta in betas)
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
-        self.update = model.ops.adamw_update  # the reference below, or the model's fast path (minimlp.ops)
+        self.update = ops.adamw_update  # the reference below, or the device's fast path (minimlp.ops.select)
 
     def step(self):
         beta1, beta2 = self.betas
@@ -167,9 +169,9 @@ class Lamb(Optimizer):
                        "grad_averaging": _flag, "max_grad_norm": _optional_float, "trust_clip": _flag,
                        "always_adapt": _flag}
 
-    def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, bias_correction=True,
+    def __init__(self, parameters, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, bias_correction=True,
                  grad_averaging=True, max_grad_norm=1.0, trust_clip=False, always_adapt=False):
-        super().__init__(model, lr)
+        super().__init__(parameters, lr)
         self.betas = tuple(float(beta) for beta in betas)
         self.eps = float(eps)
         self.weight_decay = float(weight_decay)
@@ -223,10 +225,13 @@ class Lamb(Optimizer):
         return xp.minimum(ratio, 1.0) if self.trust_clip else ratio
 
 
-def make_optimizer(name, model, lr, weight_decay):
-    """The optimizer --opt names: 'adamw' or 'lamb'."""
+def make_optimizer(name, parameters, ops, lr, weight_decay, eps=None, betas=None):
+    """The optimizer --opt names, 'adamw' or 'lamb', over `parameters` (minimlp.parameters), AdamW's update from
+    `ops` (minimlp.ops.select). eps and betas (--opt-eps, --opt-betas) go to either, as DeiT hands them to timm's
+    create_optimizer; None leaves the optimizer's own."""
+    given = {key: value for key, value in dict(eps=eps, betas=betas).items() if value is not None}
     if name == "adamw":
-        return AdamW(model, lr=lr, weight_decay=weight_decay)
+        return AdamW(parameters, ops, lr=lr, weight_decay=weight_decay, **given)
     if name == "lamb":
-        return Lamb(model, lr=lr, weight_decay=weight_decay)
+        return Lamb(parameters, lr=lr, weight_decay=weight_decay, **given)
     raise ValueError(f"--opt {name!r}: choose adamw or lamb")

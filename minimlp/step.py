@@ -13,7 +13,7 @@ the one-process stand-in that does neither.
 distillation loss (minimlp.training.distillation); `smoothing` is then the criterion's business, not the step's.
 """
 from .parallel.distributed import SingleProcess
-from .losses import smoothed_targets
+from .losses import CrossEntropy
 from .optim import clip_grad_norm
 from .precision import autocast
 
@@ -25,14 +25,9 @@ def train_step(model, optimizer, images, targets, lr, scaler, smoothing=0.0, cli
     """One optimizer step. Returns (loss, finite): the batch's mean loss as a 0-d array left on the device
     (reading it would make the host wait for the GPU at every step), and whether the step was taken
     (False only under loss scaling, when a gradient held inf or NaN: the scaler then lowers its scale)."""
-    xp = model.xp
     with autocast(scaler.half_precision):
         logits = model.forward(images, train=True)
-        if criterion is None:  # the smoothed cross-entropy, through the fast path where there is one
-            target_probs = smoothed_targets(xp.asarray(targets), logits.shape[1], smoothing, logits.dtype)
-            loss, dlogits = model.ops.softmax_cross_entropy(logits, target_probs)
-        else:
-            loss, dlogits = criterion(logits, targets)
+        loss, dlogits = (criterion or CrossEntropy(model.ops, smoothing))(logits, targets)  # evaluation's loss too
         sync.backward(model, scaler.scale_gradient(dlogits))  # model.backward; over K ranks, the mean gradient
     finite = sync.all_true(scaler.unscale(model.parameters))
     if finite:

@@ -248,8 +248,9 @@ def test_a_worker_that_keeps_dying_stops_the_run_with_a_checkpoint_at_the_last_s
     model = create_model("resmlp_tiny", num_classes=10, img_size=16)
     settings = dict(epochs=2, warmup_epochs=0, lr=3e-3, min_lr=1e-5, warmup_lr=1e-6, smoothing=0.1, clip_grad=0.0,
                     seed=0)
-    trainer = Trainer(model, CrossEntropy(model.ops, 0.1), make_optimizer("adamw", model, 3e-3, 0.05), GivingUp(),
-                      GivingUp(), train_set.classes, settings, tmp_path)
+    optimizer = make_optimizer("adamw", model.parameters, model.ops, 3e-3, 0.05)
+    trainer = Trainer(model, CrossEntropy(model.ops, 0.1), optimizer, GivingUp(), GivingUp(), train_set.classes,
+                      settings, tmp_path)
     with pytest.raises(Interrupted, match=r"pid 4242.*epoch 1, batch 3/15 \(checkpoint saved\); continue with "
                                           r"--resume .*checkpoint.npz") as stopped:
         trainer.fit()
@@ -514,7 +515,7 @@ def test_raising_epochs_on_resume_keeps_the_warmup(tmp_path):
     train_set, _ = load_datasets(tmp_path / "data")
     loader = Loader(train_set, 4, train=True, img_size=16, workers=0)  # 4 steps per epoch
     model = create_model("resmlp_tiny", num_classes=2, img_size=16)
-    optimizer = make_optimizer("adamw", model, 1e-3, 0.05)
+    optimizer = make_optimizer("adamw", model.parameters, model.ops, 1e-3, 0.05)
     settings = dict(epochs=1, warmup_epochs=2, lr=1e-3, min_lr=1e-5, warmup_lr=1e-6, seed=0)
     first = Trainer(model, CrossEntropy(model.ops), optimizer, loader, loader, train_set.classes, settings, tmp_path)
     peak = first.learning_rate(3)  # the warmup was clipped to the 1-epoch run: its last step is at the peak

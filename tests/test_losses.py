@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from minimlp.tools.gradcheck import numerical_gradients, relative_error
-from minimlp.losses import cross_entropy
+from minimlp.losses import cross_entropy, softmax_cross_entropy
 from minimlp.tools.pytorch_references import torch
 
 F = torch.nn.functional
@@ -54,3 +54,33 @@ def test_cross_entropy_is_stable_for_huge_logits(xp, dtype):
     assert np.isfinite(float(loss)) and bool(xp.isfinite(dlogits).all())
     assert abs(float(loss) - expected_loss) < 1e-6 * expected_loss
     assert relative_error(dlogits, expected_grad) < 1e-6
+
+
+def test_training_and_evaluation_compute_the_loss_through_the_operations_the_model_was_given():
+    """One loss code (losses.CrossEntropy over ops.softmax_cross_entropy) for the step and for evaluation."""
+    from types import SimpleNamespace
+
+    from minimlp import create_model
+    from minimlp.ops import REFERENCE_OPERATIONS
+    from minimlp.optim import AdamW
+    from minimlp.precision import policy
+    from minimlp.step import train_step
+    from minimlp.training.evaluation import evaluate
+    calls = []
+
+    def recording(logits, target_probs):
+        calls.append(target_probs.copy())
+        return softmax_cross_entropy(logits, target_probs)
+
+    operations = SimpleNamespace(**{**vars(REFERENCE_OPERATIONS), "softmax_cross_entropy": recording})
+    model = create_model("resmlp_tiny", img_size=16, depth=1, ops=operations)
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (4, 3, 16, 16), dtype=np.uint8), np.array([0, 3, 3, 9])
+    train_step(model, AdamW(model.parameters, operations, lr=1e-3), images / 255.0, labels, 1e-3, policy("float32"),
+               smoothing=0.1)
+    loader = type("OneBatch", (), {"epoch": lambda self, epoch: iter([(images, labels)]), "__len__": lambda self: 1})()
+    metrics = evaluate(model, loader)
+    assert len(calls) == 2
+    np.testing.assert_allclose(calls[0], 0.9 * np.eye(10)[labels] + 0.01, rtol=1e-6)  # training: smoothed
+    np.testing.assert_array_equal(calls[1], np.eye(10)[labels])  # evaluation: the same code, no smoothing
+    assert np.isfinite(metrics["val_loss"])

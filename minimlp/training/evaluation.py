@@ -3,7 +3,7 @@ import numpy as np
 
 from .. import backend
 from ..data.device_feed import DeviceFeed
-from ..losses import cross_entropy
+from ..losses import CrossEntropy
 from ..parallel.distributed import SingleProcess
 from ..precision import autocast
 from .progress import track
@@ -26,10 +26,11 @@ def evaluate(model, loader, feed=None, matmul_dtype=None, desc="eval", world=Sin
     feed = feed or DeviceFeed(model.device, model.dtype)
     totals = model.xp.zeros(3, dtype=np.float64)  # loss sum, top-1 hits, top-5 hits
     count = 0
+    criterion = CrossEntropy(model.ops)  # no label smoothing
     for x, y in track(feed.batches(loader.epoch(0)), len(loader), desc, unit="batch", every=0):
         with autocast(matmul_dtype):
             logits = model.forward(x)
-        loss, _ = cross_entropy(logits, y)
+        loss, _ = criterion(logits, y)  # the training step's loss code, through the model's operations
         totals[0] += loss.astype(np.float64) * len(y)
         totals[1:] += topk_correct(logits, y)
         count += len(y)
