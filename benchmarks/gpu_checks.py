@@ -49,7 +49,8 @@ def logits_and_grads(model, images, labels, amp):
     with autocast(amp):
         logits = backend.to_numpy(model.forward(images, train=False)).astype(np.float64)
     scaler = LossScaler() if amp else NoLossScaling()
-    _, finite = train_step(model, AdamW(model, lr=LR), images, labels, lr=LR, scaler=scaler, smoothing=SMOOTHING)
+    _, finite = train_step(model, AdamW(model.parameters, model.ops, lr=LR), images, labels, lr=LR, scaler=scaler,
+                           smoothing=SMOOTHING)
     return logits, backend.to_numpy(model.parameters.grad).astype(np.float64), bool(finite)
 
 
@@ -69,7 +70,7 @@ def measure(args, precision):
     if device == "gpu":
         xp.get_default_memory_pool().free_all_blocks()
     model = create_model(args.model, device=device, dtype="float32")
-    optimizer, scaler = AdamW(model, lr=LR), LossScaler() if amp else NoLossScaling()
+    optimizer, scaler = AdamW(model.parameters, model.ops, lr=LR), LossScaler() if amp else NoLossScaling()
     images, labels = inputs(args.memory_batch, seed=1)
     x, y = xp.asarray(images, dtype=xp.float32), xp.asarray(labels)
     times = []

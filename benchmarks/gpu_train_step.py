@@ -85,7 +85,7 @@ def minimlp_variant(fast, amp):
         if pool is not None:
             pool.free_all_blocks()
         model = create_model("resmlp_s12", device=device, dtype="float32", seed=0, fast=fast)
-        optimizer = AdamW(model, lr=LR, weight_decay=WEIGHT_DECAY)
+        optimizer = AdamW(model.parameters, model.ops, lr=LR, weight_decay=WEIGHT_DECAY)
         scaler = LossScaler() if amp else NoLossScaling()
         x, y = xp.asarray(images), xp.asarray(labels)
 

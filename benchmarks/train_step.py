@@ -80,7 +80,7 @@ def time_minimlp(row, warmup, steps, fast, keep_freed_memory):
     if not keep_freed_memory:  # to measure what the allocator setting buys: glibc's defaults stay
         cpu_settings.keep_freed_memory = lambda: False
     model = create_model(ROWS[row][0], seed=0, fast=fast)
-    optimizer, scaler = AdamW(model, lr=1e-4, weight_decay=0.05), NoLossScaling()
+    optimizer, scaler = AdamW(model.parameters, model.ops, lr=1e-4, weight_decay=0.05), NoLossScaling()
 
     def step():
         train_step(model, optimizer, images, labels, 1e-4, scaler, smoothing=0.1)

@@ -78,7 +78,7 @@ heading("2. The model and the optimizer")
 # resmlp_tiny, shrunk so that a CPU trains it in seconds: patch 8 on 32 px gives a 4x4 grid of
 # N = 16 patches, d = 64, 2 blocks. float32, as in real training.
 model = create_model("resmlp_tiny", dim=64, depth=2, patch_size=8, seed=0)
-optimizer = AdamW(model, lr=BASE_LR, weight_decay=WEIGHT_DECAY)
+optimizer = AdamW(model.parameters, model.ops, lr=BASE_LR, weight_decay=WEIGHT_DECAY)
 print(f"{model.config['name']} with {model.num_params():,} parameters, {model.num_patches} patches; "
       f"AdamW lr {BASE_LR}, weight decay {WEIGHT_DECAY}, label smoothing {SMOOTHING}, batch {BATCH}, {STEPS} steps")
 

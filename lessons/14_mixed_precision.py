@@ -207,7 +207,7 @@ check(flushed_bf16 == 0, "in bfloat16 nothing flushes (float32's range): why bfl
 # Does it matter for the weights' gradients? The library's training step with lr = 0 leaves the
 # weights as they are and the unscaled gradients in model.parameters.grad: compare float32 with
 # float16 matmuls at loss scale 1 (no scaling) and 2^16 (train.py's starting scale).
-optimizer = AdamW(model, lr=0.0)
+optimizer = AdamW(model.parameters, model.ops, lr=0.0)
 
 
 def gradients_with(scaler):
@@ -270,7 +270,7 @@ predicted_skips = next(k for k in range(start_exponent + 1) if largest * 2.0 ** 
 print(f"largest |dy| = {largest:.4f}: S must be below 65520 / {largest:.4f} = {65520 / largest:,.0f} = 2^{np.log2(65520 / largest):.2f}; "
       f"from 2^{start_exponent} that takes {predicted_skips} halvings")
 scaler = LossScaler(init_scale=2.0 ** start_exponent, growth_interval=4)
-optimizer = AdamW(model, lr=1e-3, weight_decay=0.05)
+optimizer = AdamW(model.parameters, model.ops, lr=1e-3, weight_decay=0.05)
 history = []  # (log2 S used, step taken?)
 skips_behaved = []  # per skipped step: weights unchanged bit for bit, and S halved
 for step in range(24):

@@ -88,7 +88,7 @@ class TinyRun:
 
     def __init__(self, amp, scale=2.0 ** 16):
         self.model = create_model("resmlp_tiny", img_size=16, seed=0)
-        self.optimizer = AdamW(self.model, lr=1e-3)
+        self.optimizer = AdamW(self.model.parameters, self.model.ops, lr=1e-3)
         self.scaler = LossScaler(init_scale=scale) if amp else NoLossScaling()
 
     def train_step(self, images, labels):
