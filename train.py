@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from minimlp import backend, create_model
-from minimlp.training.checkpoint import (check_compatible, check_not_rewinding, read_resume, restore_for_evaluation,
-                                restore_run, where_it_stands)
+from minimlp.training.checkpoint import (ResumeError, check_compatible, check_not_rewinding, read_resume,
+                                         restore_for_evaluation, restore_run, where_it_stands)
 from minimlp.training.command_line import ArgumentParser
 from minimlp.training.config import RECIPES, complete_settings, dataset_defaults
 from minimlp.data.datasets import DataError, load_datasets
@@ -178,7 +178,8 @@ def run_and_report(args, world):
     except WorkerDied as error:  # outside the training loop (--eval-only): nothing to save
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except (DataError, WeightsError, RunFolderError, backend.DeviceError, ValueError, FloatingPointError) as error:
+    except (DataError, WeightsError, ResumeError, RunFolderError, backend.DeviceError, ValueError,
+            FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except backend.out_of_memory_errors() as error:

@@ -194,6 +194,20 @@ def test_checkpoint_from_another_model_or_dataset(shapes, trained, tmp_path):
     _fails_clearly(train("--resume", tmp_path / "garbage.npz", check=False), "garbage.npz", "not a readable")
 
 
+def test_a_resume_refused_for_a_changed_flag_is_a_resume_error_not_a_weights_error():
+    from minimlp.training.checkpoint import ResumeError, check_compatible
+    from minimlp.weights import WeightsError
+    meta = dict(model=dict(name="resmlp_tiny", img_size=16, num_classes=2, drop_path=0.0, patch_size=4),
+                classes=["a", "b"], settings=dict(opt="adamw", seed=0, batch_size=4, world_size=1))
+    settings = dict(model="resmlp_tiny", img_size=16, drop_path=0.0, patch_size=None, opt="lamb", seed=0,
+                    batch_size=4, world_size=1, data=None)
+    with pytest.raises(ResumeError, match=r"run/checkpoint.npz was trained with --opt adamw \(now lamb\)") as refused:
+        check_compatible("run/checkpoint.npz", meta, settings, ["a", "b"])
+    assert not isinstance(refused.value, WeightsError)  # the file is fine: the flags do not continue it
+    with pytest.raises(ResumeError, match="other classes"):
+        check_compatible("run/checkpoint.npz", meta, settings, ["a", "c"], eval_only=True)
+
+
 def test_corrupt_image_is_skipped_and_named(tmp_path):
     data = tmp_path / "data"
     make_image_folder(data, classes=("a", "b"), per_class=4, size=(24, 24))

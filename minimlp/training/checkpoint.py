@@ -199,9 +199,14 @@ def read_resume(path, eval_only=False):
     return weights, optimizer_state, meta, groups
 
 
+class ResumeError(ValueError):
+    """A readable checkpoint that cannot continue with the flags given (another model, other classes, another
+    optimizer, batch size, seed or epoch order), or whose resume would rewind the run beside it."""
+
+
 def check_compatible(path, meta, settings, classes, eval_only=False):
     """A checkpoint continues only with the same model and the same classes (and, to train on, the same
-    optimizer, batch size and seed). settings: the run's flags as a dict."""
+    optimizer, batch size and seed), else ResumeError. settings: the run's flags as a dict."""
     config = meta["model"]
     now = dict(name=settings["model"], img_size=settings["img_size"], num_classes=len(classes),
                drop_path=settings["drop_path"],
@@ -212,12 +217,12 @@ def check_compatible(path, meta, settings, classes, eval_only=False):
         del now["drop_path"]  # no stochastic depth in evaluation: any rate will do
     mismatched = [f"{flags[key]} {config[key]} (now {value})" for key, value in now.items() if config[key] != value]
     if mismatched:
-        raise WeightsError(f"{path} was made with " + ", ".join(mismatched) +
+        raise ResumeError(f"{path} was made with " + ", ".join(mismatched) +
                            ": use the same settings, or start a new run without --resume")
     if meta["classes"] != list(classes):
         missing = sorted(set(meta["classes"]) - set(classes))[:3]
         added = sorted(set(classes) - set(meta["classes"]))[:3]
-        raise WeightsError(f"{path} was made for other classes than those of {settings['data'] or 'the demo'}"
+        raise ResumeError(f"{path} was made for other classes than those of {settings['data'] or 'the demo'}"
                            f" (not there now: {missing}; new: {added})")
     if eval_only:
         return
@@ -233,21 +238,21 @@ def check_compatible(path, meta, settings, classes, eval_only=False):
         changed.append(f"--repeated-aug {bool(meta['settings'].get('repeated_aug'))} (now "
                        f"{bool(settings.get('repeated_aug'))})")
     if changed:
-        raise WeightsError(f"{path} was trained with " + ", ".join(changed) + ": a resumed run continues "
+        raise ResumeError(f"{path} was trained with " + ", ".join(changed) + ": a resumed run continues "
                            "with the same optimizer, batch size, seed and epoch order (leave these flags out "
                            "to keep them)")
 
 
 def check_not_rewinding(path, meta, output):
     """Resuming `path` (its meta) into the folder `output` must not go back past output/checkpoint.npz,
-    e.g. --resume best.npz beside a newer checkpoint.npz: the run and its log would rewind. A branch off
-    best.npz goes into another --output."""
+    e.g. --resume best.npz beside a newer checkpoint.npz: the run and its log would rewind (ResumeError). A branch
+    off best.npz goes into another --output."""
     latest = Path(output) / "checkpoint.npz"
     if not latest.is_file() or latest.resolve() == Path(path).resolve():
         return
     ahead, behind = read_meta(latest)["position"], meta["position"]
     if ahead["global_step"] > behind["global_step"]:
-        raise WeightsError(f"{path} stands at {where_it_stands(behind)}, but {latest} is further on (at "
+        raise ResumeError(f"{path} stands at {where_it_stands(behind)}, but {latest} is further on (at "
                            f"{where_it_stands(ahead)}): resuming would rewind that run. Continue it with --resume "
                            f"{latest}, or branch off {Path(path).name} into another --output")
 
