@@ -3,13 +3,14 @@
     python benchmarks/gpu_checks.py                  # ResMLP-S12, 224 px: errors at batch 32, memory at 256
     python benchmarks/gpu_checks.py --out results    # also writes gpu_checks.json and gpu_checks.md
 
-For each precision (float32 with TF32 off, float32 with TF32 on, AMP float16 matmuls), from the same random
+For each precision (float32 with TF32 off, float32 with TF32 on, --amp with float16 and with bfloat16 matmuls,
+each a minimlp.precision.policy), from the same random
 images, weights and labels:
   - the error relative to a float64 model on the GPU, max |x - ref| / max |ref|, of the logits (evaluation
     forward) and of the gradients of one training step (minimlp.step.train_step, the trainer's own step;
     the flat gradient buffer, unscaled, is what the optimizer then read);
   - --steps + 1 training steps at --memory-batch: peak GPU memory (CuPy's pool afterwards) and the median
-    step time (the first step, which allocates and compiles, untimed). Under AMP the loss scale is
+    step time (the first step, which allocates and compiles, untimed). Under float16 the loss scale is
     updated by the step as in training, and its final value and the skipped steps are reported.
 CuPy reads CUPY_TF32 once per process, so each precision runs in its own child process, each within
 --child-timeout seconds; one failing precision does not stop the others. Prints a Markdown table; asserts
@@ -29,13 +30,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minimlp import backend, create_model  # noqa: E402
-from minimlp.loss_scaling import LossScaler, NoLossScaling  # noqa: E402
 from minimlp.optim import AdamW  # noqa: E402
-from minimlp.precision import AMP_DTYPE, autocast  # noqa: E402
+from minimlp.precision import autocast, policy  # noqa: E402
 from minimlp.step import train_step  # noqa: E402
 
-PRECISIONS = {"float32": dict(tf32=False, amp=False), "tf32": dict(tf32=True, amp=False),
-              "amp": dict(tf32=False, amp=True)}
+PRECISIONS = {"float32": dict(tf32=False, policy="float32"), "tf32": dict(tf32=True, policy="float32"),
+              "float16": dict(tf32=False, policy="float16"), "bfloat16": dict(tf32=False, policy="bfloat16")}
 LR, SMOOTHING = 1e-4, 0.1
 
 
@@ -44,13 +44,13 @@ def inputs(batch, seed=0):
     return rng.normal(size=(batch, 3, 224, 224)), rng.integers(0, 1000, batch)
 
 
-def logits_and_grads(model, images, labels, amp):
+def logits_and_grads(model, images, labels, precision_name):
     """Host float64 copies of the evaluation logits and of one training step's flat gradient (unscaled)."""
-    with autocast(amp):
+    precision = policy(precision_name)
+    with autocast(precision.matmul_dtype):
         logits = backend.to_numpy(model.forward(images, train=False)).astype(np.float64)
-    scaler = LossScaler() if amp else NoLossScaling()
-    _, finite = train_step(model, AdamW(model.parameters, model.ops, lr=LR), images, labels, lr=LR, scaler=scaler,
-                           smoothing=SMOOTHING)
+    _, finite = train_step(model, AdamW(model.parameters, model.ops, lr=LR), images, labels, lr=LR,
+                           precision=precision, smoothing=SMOOTHING)
     return logits, backend.to_numpy(model.parameters.grad).astype(np.float64), bool(finite)
 
 
@@ -62,28 +62,29 @@ def measure(args, precision):
     """Child process: errors against float64 and the training steps' memory and time, as JSON on stdout."""
     device = backend.resolve_device(args.device)
     xp = backend.get_module(device)
-    amp = PRECISIONS[precision]["amp"]
+    name = PRECISIONS[precision]["policy"]
     images, labels = inputs(args.tolerance_batch)
-    reference = logits_and_grads(create_model(args.model, device=device, dtype="float64"), images, labels, False)
-    result = logits_and_grads(create_model(args.model, device=device, dtype="float32"), images, labels, amp)
+    reference = logits_and_grads(create_model(args.model, device=device, dtype="float64"), images, labels, "float32")
+    result = logits_and_grads(create_model(args.model, device=device, dtype="float32"), images, labels, name)
 
     if device == "gpu":
         xp.get_default_memory_pool().free_all_blocks()
     model = create_model(args.model, device=device, dtype="float32")
-    optimizer, scaler = AdamW(model.parameters, model.ops, lr=LR), LossScaler() if amp else NoLossScaling()
+    optimizer, precision = AdamW(model.parameters, model.ops, lr=LR), policy(name)
+    scaler = precision.loss_scaler
     images, labels = inputs(args.memory_batch, seed=1)
     x, y = xp.asarray(images, dtype=xp.float32), xp.asarray(labels)
     times = []
     for _ in range(args.steps + 1):  # the first step allocates and compiles: not timed
         started = time.perf_counter()
-        train_step(model, optimizer, x, y, lr=LR, scaler=scaler, smoothing=SMOOTHING)
+        train_step(model, optimizer, x, y, lr=LR, precision=precision, smoothing=SMOOTHING)
         if device == "gpu":
             xp.cuda.Device().synchronize()
         times.append(time.perf_counter() - started)
     return dict(logits_error=relative_error(result[0], reference[0]),
                 grad_error=relative_error(result[1], reference[1]), grads_finite=result[2], peak_gb=backend.gpu_memory_held_bytes() / 1e9 if device == "gpu" else None,
-                step_ms=1000 * statistics.median(times[1:]), skipped_steps=scaler.skipped_steps,
-                loss_scale=scaler.scale if amp else None, ops=model.ops.name)
+                step_ms=1000 * statistics.median(times[1:]), ops=model.ops.name,
+                **(dict(skipped_steps=scaler.skipped_steps, loss_scale=scaler.scale) if scaler else {}))
 
 
 def run_child(precision, argv, timeout):
@@ -133,7 +134,7 @@ def main():
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "gpu_checks.json").write_text(json.dumps(dict(
                 model=args.model, device=gpu, tolerance_batch=args.tolerance_batch, memory_batch=args.memory_batch,
-                amp_dtype=AMP_DTYPE.name, precisions=rows), indent=2) + "\n")
+                precisions=rows), indent=2) + "\n")
     table = report(args, gpu, rows)
     print(table)
     if args.out:
@@ -144,8 +145,7 @@ def main():
 
 def report(args, gpu, rows):
     lines = [f"{args.model}, {gpu}; errors vs float64 at batch {args.tolerance_batch} (logits of an evaluation "
-             f"forward, gradients of one train_step), {args.steps} timed train_steps at batch {args.memory_batch}; "
-             f"AMP matmul inputs: {AMP_DTYPE.name}", "",
+             f"forward, gradients of one train_step), {args.steps} timed train_steps at batch {args.memory_batch}", "",
              "| precision | logits rel. error | grad rel. error | peak GPU memory | step time | notes |",
              "|---|---|---|---|---|---|"]
     for precision, r in rows.items():
@@ -154,7 +154,7 @@ def report(args, gpu, rows):
             continue
         memory = f"{r['peak_gb']:.2f} GB" if r["peak_gb"] is not None else "-"
         notes = [f"ops: {r['ops']}"] + ([] if r["grads_finite"] else ["the gradients overflowed (step skipped)"])
-        if r["loss_scale"] is not None:
+        if "loss_scale" in r:
             notes.append(f"loss scale {r['loss_scale']:g} after the steps, {r['skipped_steps']} skipped")
         lines.append(f"| {precision} | {r['logits_error']:.1e} | {r['grad_error']:.1e} | {memory} | "
                      f"{r['step_ms']:.0f} ms | {'; '.join(notes)} |")

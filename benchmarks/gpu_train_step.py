@@ -5,11 +5,11 @@
     python benchmarks/gpu_train_step.py --device cpu --batch-size 2 --steps 1 --warmup 0  # dry run, no GPU
 
 minimlp's step is minimlp.step.train_step, the one the trainer runs: forward, cross-entropy with label
-smoothing 0.1, backward, loss scaling (AMP) and AdamW, on one fixed batch already on the GPU (no data
+smoothing 0.1, backward, loss scaling (float16 only) and AdamW, on one fixed batch already on the GPU (no data
 loading: benchmarks/loader_throughput.py measures that). PyTorch's is the usual eager loop on timm's model
 holding the same weights. Each variant runs --warmup untimed steps, then --steps timed ones, each between
-two CUDA events; the median is reported. Variants: minimlp float32 (TF32), minimlp AMP (float16 matmuls),
-minimlp float32 on the reference layers (create_model(fast=False): no fused kernel); PyTorch eager float32
+two CUDA events; the median is reported. Variants: minimlp float32 (TF32), minimlp AMP with float16 and
+with bfloat16 matmuls (minimlp.precision.policy), minimlp float32 on the reference layers (create_model(fast=False): no fused kernel); PyTorch eager float32
 (TF32), eager AMP bf16 and fp16, torch.compile AMP bf16. Also: peak GPU memory, and model FLOPs
 utilisation against this GPU's dense GEMM rate, measured here with CuPy.
 
@@ -34,8 +34,8 @@ from minimlp import backend  # noqa: E402
 backend.set_tf32(True)  # before any CuPy matmul (CuPy reads CUPY_TF32 once)
 
 from minimlp import create_model  # noqa: E402
-from minimlp.loss_scaling import LossScaler, NoLossScaling  # noqa: E402
 from minimlp.optim import AdamW  # noqa: E402
+from minimlp.precision import policy  # noqa: E402
 from minimlp.step import train_step  # noqa: E402
 from minimlp.weights import official_to_timm  # noqa: E402
 
@@ -77,7 +77,7 @@ def minimlp_clock(device):
     return cupy.cuda.Event, cupy.cuda.get_elapsed_time, cupy.cuda.Device().synchronize
 
 
-def minimlp_variant(fast, amp):
+def minimlp_variant(fast, precision_name):
     def run(args, images, labels):
         device = backend.resolve_device(args.device)  # DeviceError, one line, where there is no GPU
         xp = backend.get_module(device)
@@ -86,15 +86,16 @@ def minimlp_variant(fast, amp):
             pool.free_all_blocks()
         model = create_model("resmlp_s12", device=device, dtype="float32", seed=0, fast=fast)
         optimizer = AdamW(model.parameters, model.ops, lr=LR, weight_decay=WEIGHT_DECAY)
-        scaler = LossScaler() if amp else NoLossScaling()
+        precision = policy(precision_name)
+        scaler = precision.loss_scaler  # float16's
         x, y = xp.asarray(images), xp.asarray(labels)
 
         def step():
-            train_step(model, optimizer, x, y, lr=LR, scaler=scaler, smoothing=SMOOTHING)
+            train_step(model, optimizer, x, y, lr=LR, precision=precision, smoothing=SMOOTHING)
 
         ms = median_step_ms(step, minimlp_clock(device), args.warmup, args.steps)
         notes = f"ops: {model.ops.name}" + (f"; {scaler.skipped_steps} skipped steps, loss scale {scaler.scale:g}"
-                                            if amp else "")
+                                            if scaler else "")
         return dict(ms=ms, memory_bytes=pool.total_bytes() if pool else 0, notes=notes), model.state_dict()
     return run
 
@@ -179,9 +180,11 @@ def main():
             (args.out / "gpu_train_step.md").write_text(report(result, list(theirs)))
 
     # name: (which peak it is held against, how to run it)
-    ours = {"minimlp float32 (TF32)": ("tf32", minimlp_variant(fast=True, amp=False)),
-            "minimlp AMP (fp16 matmuls)": ("fp16", minimlp_variant(fast=True, amp=True)),
-            "minimlp float32, reference layers (no fused kernel)": ("tf32", minimlp_variant(fast=False, amp=False))}
+    ours = {"minimlp float32 (TF32)": ("tf32", minimlp_variant(fast=True, precision_name="float32")),
+            "minimlp AMP (fp16 matmuls)": ("fp16", minimlp_variant(fast=True, precision_name="float16")),
+            "minimlp AMP (bf16 matmuls)": ("fp16", minimlp_variant(fast=True, precision_name="bfloat16")),
+            "minimlp float32, reference layers (no fused kernel)": ("tf32", minimlp_variant(fast=False,
+                                                                                            precision_name="float32"))}
     theirs = {} if args.no_torch else {
         "PyTorch eager float32 (TF32)": ("tf32", torch_variant()),
         "PyTorch eager AMP bf16": ("fp16", torch_variant("bfloat16")),

@@ -43,7 +43,7 @@ def worker(args):
     """One rank: time --steps training steps and a bare all-reduce of the gradient buffer; rank 0 prints JSON."""
     from minimlp import backend, create_model
     from minimlp.parallel.distributed import connect
-    from minimlp.loss_scaling import NoLossScaling
+    from minimlp.precision import policy
     from minimlp.optim import AdamW
     from minimlp.step import train_step
 
@@ -51,7 +51,7 @@ def worker(args):
     world.use_local_gpu(args.device)
     model = create_model(args.model, num_classes=1000 if args.model != "resmlp_tiny" else 10, img_size=args.img_size,
                          device=args.device)
-    optimizer = AdamW(model, lr=1e-4)
+    optimizer = AdamW(model.parameters, model.ops, lr=1e-4)
     rng = np.random.default_rng(world.rank)
     images = model.xp.asarray(rng.normal(size=(args.batch_size, 3, args.img_size, args.img_size)), dtype=np.float32)
     labels = rng.integers(0, model.config["num_classes"], args.batch_size)
@@ -65,7 +65,8 @@ def worker(args):
     for step in range(args.warmup + args.steps):
         synchronize()
         started = time.perf_counter()
-        train_step(model, optimizer, images, labels, 1e-4, NoLossScaling(), sync=world)
+        train_step(model, optimizer, images, labels, 1e-4, policy("float32"),
+                   sync=world if world.size > 1 else None)  # one process: the plain backward
         synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - started)

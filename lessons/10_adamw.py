@@ -26,7 +26,7 @@ import math
 import numpy as np
 
 from minimlp import create_model
-from minimlp.loss_scaling import NoLossScaling
+from minimlp.precision import policy
 from minimlp.optim import AdamW, Lamb
 from minimlp.schedule import lr_at
 from minimlp.step import train_step
@@ -49,7 +49,7 @@ mine = {name: value.copy() for name, value in model.params.items()}  # our own c
 m = {name: np.zeros_like(value) for name, value in mine.items()}
 v = {name: np.zeros_like(value) for name, value in mine.items()}
 for t in range(1, 4):
-    loss, _ = train_step(model, optimizer, images, labels, lr, NoLossScaling())  # forward, loss, backward, step
+    loss, _ = train_step(model, optimizer, images, labels, lr, policy("float32"))  # forward, loss, backward, step
     for name, p in mine.items():
         g = model.grads[name]  # the same gradient: our weights equal the model's (checked below)
         if p.ndim > 1:  # decoupled weight decay, matrices only

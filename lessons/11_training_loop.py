@@ -5,17 +5,17 @@ Everything is in place: a model whose forward and backward we trust (lessons 1-9
 
     for each step:
         pick a batch of images and labels
-        train_step(model, optimizer, images, labels, lr=lr_at(step, ...), scaler=NoLossScaling())
+        train_step(model, optimizer, images, labels, lr=lr_at(step, ...), precision=policy("float32"))
 
 and train_step (minimlp.step, the one step that train.py, the benchmarks and the tests run too) is
 
         logits = model.forward(images, train=True)
         loss, dlogits = softmax_cross_entropy(logits, targets)  # (smoothed) cross-entropy; dlogits = (p - q) / B
-        model.backward(scaler.scale_gradient(dlogits))  # fills model.grads (overwrites); float32: scale 1
-        if the gradients are finite:            # always in float32; --amp may skip a step (lesson 14)
-            clip them if asked (clip_grad)
-            optimizer.lr = lr                   # warmup, then cosine
-            optimizer.step()                    # updates model.params in place
+        model.backward(dlogits)                 # fills model.grads (overwrites)
+        (float16 only: loss scaling, which may skip a step: lesson 14)
+        clip them if asked (clip_grad)
+        optimizer.lr = lr                       # warmup, then cosine
+        optimizer.step()                        # updates model.params in place
 
 The data: minimlp.data.synthetic's "shapes10", ten classes of small drawn images (circle, ring,
 square, triangle, cross, stripes in three directions, checkerboard, dots) on noisy backgrounds.
@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 from minimlp import create_model
-from minimlp.loss_scaling import NoLossScaling
+from minimlp.precision import policy
 from minimlp.optim import AdamW
 from minimlp.schedule import lr_at
 from minimlp.step import train_step
@@ -92,8 +92,8 @@ def accuracy(images, labels):
 heading("3. The loop")
 show_source(train_step)
 # Read it with the docstring above: forward, loss, backward, then the optimizer at this step's learning
-# rate. The scaler is for mixed precision (lesson 14); in float32 NoLossScaling does nothing, and every
-# step is taken. The loss comes back as a 0-d array: float() reads it.
+# rate. The precision policy is for mixed precision (lesson 14); float32's has no loss scaler, so the step
+# calls nothing of it, and every step is taken. The loss comes back as a 0-d array: float() reads it.
 rng = np.random.default_rng(0)
 steps_per_epoch = len(train_x) // BATCH
 losses_seen, val_curve = [], []
@@ -103,7 +103,7 @@ for step in range(STEPS):
         order = rng.permutation(len(train_x))
     batch = order[(step % steps_per_epoch) * BATCH:(step % steps_per_epoch + 1) * BATCH]
     lr = lr_at(step, base_lr=BASE_LR, total_steps=STEPS, warmup_steps=STEPS // 10)
-    loss, _ = train_step(model, optimizer, train_x[batch], train_labels[batch], lr, NoLossScaling(),
+    loss, _ = train_step(model, optimizer, train_x[batch], train_labels[batch], lr, policy("float32"),
                          smoothing=SMOOTHING)
     losses_seen.append(float(loss))
     if (step + 1) % 100 == 0:

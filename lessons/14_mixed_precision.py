@@ -21,7 +21,8 @@ from _lesson import check, heading, save_figure, show_source
 import numpy as np
 
 from minimlp import create_model, layers, losses, precision
-from minimlp.loss_scaling import LossScaler, NoLossScaling
+from minimlp.loss_scaling import LossScaler
+from minimlp.precision import Precision, policy
 from minimlp.optim import AdamW
 from minimlp.step import train_step
 from minimlp.data.synthetic import SHAPES_CLASSES, draw_image
@@ -210,19 +211,19 @@ check(flushed_bf16 == 0, "in bfloat16 nothing flushes (float32's range): why bfl
 optimizer = AdamW(model.parameters, model.ops, lr=0.0)
 
 
-def gradients_with(scaler):
+def gradients_with(precision):
     weights = model.parameters.data.copy()
-    train_step(model, optimizer, images, labels, lr=0.0, scaler=scaler, smoothing=0.1)
+    train_step(model, optimizer, images, labels, lr=0.0, precision=precision, smoothing=0.1)
     assert (model.parameters.data == weights).all(), "lr = 0 must leave the weights unchanged"
     return model.parameters.grad.copy()
 
 
-reference = gradients_with(NoLossScaling())
+reference = gradients_with(policy("float32"))
 shown = ["head.weight", "blocks.5.mlp.fc2.weight", "blocks.3.mlp.fc1.weight", "blocks.0.attn.weight",
          "blocks.0.mlp.fc1.weight", "patch_embed.proj.weight"]
 errors = {}
-for label, scaler in [("S = 1", LossScaler(init_scale=1.0)), ("S = 2^16", LossScaler(init_scale=2.0 ** 16))]:
-    gradient = gradients_with(scaler)
+for label, scale in [("S = 1", 1.0), ("S = 2^16", 2.0 ** 16)]:  # policy("float16") with its scaler started at S
+    gradient = gradients_with(Precision("float16", "float16", LossScaler(init_scale=scale)))
     errors[label] = [np.linalg.norm(gradient[model.parameters.slices[name]] - reference[model.parameters.slices[name]])
                      / np.linalg.norm(reference[model.parameters.slices[name]]) for name in shown]
 print(f"{'relative error of the gradient vs float32':44s} {'S = 1':>9s} {'S = 2^16':>9s}")
@@ -270,13 +271,14 @@ predicted_skips = next(k for k in range(start_exponent + 1) if largest * 2.0 ** 
 print(f"largest |dy| = {largest:.4f}: S must be below 65520 / {largest:.4f} = {65520 / largest:,.0f} = 2^{np.log2(65520 / largest):.2f}; "
       f"from 2^{start_exponent} that takes {predicted_skips} halvings")
 scaler = LossScaler(init_scale=2.0 ** start_exponent, growth_interval=4)
+float16 = Precision("float16", "float16", scaler)  # policy("float16"), with this scaler
 optimizer = AdamW(model.parameters, model.ops, lr=1e-3, weight_decay=0.05)
 history = []  # (log2 S used, step taken?)
 skips_behaved = []  # per skipped step: weights unchanged bit for bit, and S halved
 for step in range(24):
     used, weights = scaler.scale, model.parameters.data.copy()
     with np.errstate(invalid="ignore"):  # an overflowed step's check sum meets inf - inf = NaN: expected here
-        loss, finite = train_step(model, optimizer, images, labels, lr=1e-3, scaler=scaler, smoothing=0.1)
+        loss, finite = train_step(model, optimizer, images, labels, lr=1e-3, precision=float16, smoothing=0.1)
     history.append((np.log2(used), finite))
     if not finite:
         skips_behaved.append(bool((model.parameters.data == weights).all()) and scaler.scale == used / 2)

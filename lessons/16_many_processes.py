@@ -27,7 +27,7 @@ import numpy as np
 from minimlp import create_model, losses
 from minimlp.parallel import distributed
 from minimlp.parallel.allreduce import BucketedMean, bucket_ranges
-from minimlp.loss_scaling import NoLossScaling
+from minimlp.precision import policy
 from minimlp.optim import AdamW
 from minimlp.step import train_step
 from minimlp.data.synthetic import SHAPES_CLASSES, draw_image
@@ -60,7 +60,7 @@ def run_as_a_rank(folder):
     images, labels = global_batch()
     mine = slice(world.rank, None, world.size)
     optimizer = AdamW(model, lr=LR, weight_decay=0.05)
-    loss, finite = train_step(model, optimizer, images[mine], labels[mine], lr=LR, scaler=NoLossScaling(),
+    loss, finite = train_step(model, optimizer, images[mine], labels[mine], lr=LR, precision=policy("float32"),
                               smoothing=0.1, sync=world)
     losses_of_ranks = world.sum([float(loss)])
     description = world.describe("cpu")
@@ -149,7 +149,7 @@ else:
     check(result.returncode == 0 and len(list(folder.glob("rank*.npz"))) == 2, "mpiexec -n 2 ran both ranks to the end")
     ranks_saved = [np.load(folder / f"rank{rank}.npz") for rank in range(2)]
     model = small_model()  # one process, the whole batch, the same step
-    loss, _ = train_step(model, AdamW(model, lr=LR, weight_decay=0.05), images, labels, lr=LR, scaler=NoLossScaling(),
+    loss, _ = train_step(model, AdamW(model, lr=LR, weight_decay=0.05), images, labels, lr=LR, precision=policy("float32"),
                          smoothing=0.1)
     gradient_error = max(np.abs(saved["grad"] - model.parameters.grad).max() for saved in ranks_saved)
     weight_error = max(np.abs(saved["weights"] - model.parameters.data).max() for saved in ranks_saved)

@@ -26,7 +26,7 @@ import numpy as np
 
 from minimlp import create_model, losses
 from minimlp.training.ema import ModelEma
-from minimlp.loss_scaling import NoLossScaling
+from minimlp.precision import policy
 from minimlp.optim import AdamW
 from minimlp.schedule import lr_at
 from minimlp.step import train_step
@@ -145,7 +145,7 @@ curve = []  # (step, raw loss, raw accuracy, EMA loss, EMA accuracy)
 start = time.perf_counter()
 for step in range(STEPS):
     batch = order.integers(0, len(train_x), BATCH)
-    train_step(model, optimizer, train_x[batch], train_labels[batch], scaler=NoLossScaling(), smoothing=0.1,
+    train_step(model, optimizer, train_x[batch], train_labels[batch], precision=policy("float32"), smoothing=0.1,
                lr=lr_at(step, base_lr=LR, total_steps=10 ** 9, warmup_steps=50))  # total far away: ~constant
     ema.update(model.parameters.data)
     if (step + 1) % EVERY == 0:

@@ -1,4 +1,4 @@
-"""Loss scaling: how mixed precision keeps small gradients alive, and the float32 stand-in that does nothing.
+"""Loss scaling: how float16 mixed precision keeps small gradients alive (minimlp.precision.policy("float16")).
 
 Why loss scaling. float16 flushes magnitudes below ~6e-8 to zero, and many gradients are that small.
 Multiplying dlogits by S (2**16 to start) multiplies every gradient by S (backward is linear in
@@ -7,19 +7,17 @@ restores them exactly (S is a power of two). Too large an S overflows float16 (m
 step is then skipped and S halved; after `growth_interval` clean steps S doubles again. The rule and
 defaults are torch.cuda.amp.GradScaler's.
 
-Both classes have the same methods, so the training step (minimlp.step) has no float32 branch:
-`half_precision` says whether the matrix products run in half precision (minimlp.precision.autocast).
+float32 and bfloat16 need none (bfloat16 has float32's exponent range): their policies have no loss
+scaler, and the training step (minimlp.step) calls these methods under float16 only.
 """
 import numpy as np
 
 
 class LossScaler:
-    """Dynamic loss scaling with torch.cuda.amp.GradScaler's rule and defaults, for --amp.
+    """Dynamic loss scaling with torch.cuda.amp.GradScaler's rule and defaults, for --amp --amp-dtype float16.
 
     scale: S, the factor dlogits is multiplied by; clean_steps: steps since S last changed;
     skipped_steps: optimizer steps skipped so far in the run (all three are checkpointed)."""
-
-    half_precision = True
 
     def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000):
         self.scale = float(init_scale)
@@ -62,25 +60,3 @@ class LossScaler:
         self.clean_steps = int(state["clean_steps"])
         self.skipped_steps = int(state["skipped_steps"])
 
-
-class NoLossScaling:
-    """float32 training: nothing to scale, every step is taken, nothing read back from the device."""
-
-    half_precision = False
-    scale = 1.0
-    skipped_steps = 0
-
-    def scale_gradient(self, dlogits):
-        return dlogits
-
-    def unscale(self, parameters):
-        return True
-
-    def update(self, finite):
-        pass
-
-    def state_dict(self):
-        return None
-
-    def load_state_dict(self, state):
-        pass

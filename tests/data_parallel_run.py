@@ -22,7 +22,7 @@ from minimlp.data.datasets import load_datasets  # noqa: E402
 from minimlp.data.device_feed import DeviceFeed  # noqa: E402
 from minimlp.parallel.distributed import MPIWorld, launched_by_mpi, SingleProcess  # noqa: E402
 from minimlp.data.loader import Loader  # noqa: E402
-from minimlp.loss_scaling import NoLossScaling  # noqa: E402
+from minimlp.precision import policy  # noqa: E402
 from minimlp.optim import AdamW  # noqa: E402
 from minimlp.data.sampler import RepeatedAugmentationSampler  # noqa: E402
 from minimlp.step import train_step  # noqa: E402
@@ -56,8 +56,8 @@ def main():
     step, epoch = 0, 0
     while step < args.steps:
         for images, labels in feed.batches(train_loader.epoch(epoch)):
-            train_step(model, optimizer, images, labels, lr=2e-3, scaler=NoLossScaling(), smoothing=0.1,
-                       clip_grad=1.0, sync=world)
+            train_step(model, optimizer, images, labels, lr=2e-3, precision=policy("float32"), smoothing=0.1,
+                       clip_grad=1.0, sync=world if world.size > 1 else None)
             step += 1
             if step == args.steps:
                 break

@@ -1,8 +1,9 @@
-"""Mixed precision (minimlp.precision, minimlp.loss_scaling): float16 matmuls with float32 accumulation, the loss scaler, a
-skipped step, training that matches float32, and exact resume of an --amp run with its loss scale.
+"""Mixed precision (minimlp.precision, minimlp.loss_scaling): the three policies, 16-bit matmuls with float32
+accumulation, bfloat16's rounding, the loss scaler and its skipped step, a whole step's gradients against
+float64, training that follows float32, and resumes that keep a run's precision.
 
-On the CPU the float16 matmul is emulated (operands rounded to float16, multiplied in float32); the
-`xp` tests run the same checks on cuBLAS's float16 GEMM where a GPU is present."""
+On the CPU the 16-bit matmuls are emulated (operands rounded, multiplied in float32); the `xp` tests run the
+same checks on cuBLAS's float16 and bfloat16 GEMMs where a GPU is present."""
 import json
 import signal
 import subprocess
@@ -11,18 +12,29 @@ import sys
 import numpy as np
 import pytest
 
-from minimlp import create_model
-from minimlp.training.checkpoint import load_checkpoint, save_checkpoint
-from minimlp.loss_scaling import LossScaler, NoLossScaling
+from minimlp import create_model, loss_scaling
+from minimlp.loss_scaling import LossScaler
 from minimlp.optim import AdamW
-from minimlp.precision import AMP_DTYPE, autocast, matmul
+from minimlp.precision import HALF_DTYPES, HALF_ROUNDING, Precision, autocast, matmul, policy, round_to_bfloat16
 from minimlp.step import train_step
+from minimlp.training.checkpoint import load_checkpoint, save_checkpoint
 from tests.test_train import FAST, ROOT, read_log, train
 
 
-def half_rounded_product(a, b):
-    """The exact product of the float16-rounded operands (float64), what a float16 GEMM approximates."""
-    return a.astype(AMP_DTYPE).astype(np.float64) @ b.astype(AMP_DTYPE).astype(np.float64)
+def half_rounded_product(a, b, dtype):
+    """The exact product of the 16-bit-rounded operands (float64), what a 16-bit GEMM approximates."""
+    rounded = HALF_ROUNDING[dtype]
+    return rounded(a).astype(np.float64) @ rounded(b).astype(np.float64)
+
+
+def test_the_three_policies():
+    assert policy("float32") == Precision("float32", None, None)  # nothing: the step calls nothing of it
+    assert policy("bfloat16") == Precision("bfloat16", "bfloat16", None)  # no loss scaler
+    float16 = policy("float16")
+    assert float16.matmul_dtype == "float16" and float16.loss_scaler.scale == 2.0 ** 16
+    assert policy("float16").loss_scaler is not float16.loss_scaler  # each run its own scaler
+    with pytest.raises(ValueError, match="'float8'.*float32, float16, bfloat16"):
+        policy("float8")
 
 
 def test_matmul_outside_autocast_is_the_plain_product(xp):
@@ -31,30 +43,51 @@ def test_matmul_outside_autocast_is_the_plain_product(xp):
     assert (matmul(a, b) == a @ b).all()
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("transposed", [False, True])
-def test_autocast_matmul_rounds_operands_to_half_and_accumulates_in_float32(xp, transposed):
+def test_autocast_matmul_rounds_operands_to_half_and_accumulates_in_float32(xp, transposed, dtype):
     rng = np.random.default_rng(1)
     a = rng.normal(size=(64, 96)).astype(np.float32)
     b = rng.normal(size=(40, 96) if transposed else (96, 40)).astype(np.float32)
     b_used = b.T if transposed else b  # a transposed view, as the layers pass weight.T
-    with autocast():
+    with autocast(dtype):
         out = matmul(xp.asarray(a), xp.asarray(b).T if transposed else xp.asarray(b))
     assert out.dtype == np.float32 and out.shape == (64, 40)
     out = out.get() if hasattr(out, "get") else out
-    exact = half_rounded_product(a, b_used)
+    exact = half_rounded_product(a, b_used, dtype)
     # float32 accumulation of 96 exact products: errors of a few float32 ulps of the row's magnitude
     np.testing.assert_allclose(out, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
-    # and the rounding to float16 really happened: the float32 product differs by far more
+    # and the rounding really happened: the float32 product differs by far more
     assert np.abs(a.astype(np.float64) @ b_used - exact).max() > 1e-3
 
 
 def test_autocast_is_restored_after_the_block():
     a = np.full((2, 2), 1 / 3, np.float32)
-    with autocast():
-        with autocast(False):
+    with autocast("bfloat16"):
+        with autocast(None):
             assert (matmul(a, a) == a @ a).all()
         assert (matmul(a, a) != a @ a).any()
     assert (matmul(a, a) == a @ a).all()
+    with pytest.raises(ValueError, match="autocast\\('float64'\\)"):
+        with autocast("float64"):
+            pass
+
+
+def test_bfloat16_rounding_is_round_to_nearest_even_as_torch_does():
+    """Every kind of float32: random bit patterns (NaNs, infs, subnormals included), ties, the largest
+    finite values (which round to inf), against torch's float32 -> bfloat16 conversion."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, 2 ** 32, size=200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    ties = (rng.integers(0, 2 ** 16, 1000, dtype=np.uint32) << 16 | 0x8000).view(np.float32)  # exactly halfway
+    edges = np.array([np.finfo(np.float32).max, -np.finfo(np.float32).max, 1 + 2 ** -8, 1 + 3 * 2 ** -8], np.float32)
+    values = np.concatenate([values, ties, edges])
+    theirs = torch.from_numpy(values.copy()).to(torch.bfloat16).float().numpy()
+    ours = round_to_bfloat16(values)
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, theirs)  # NaN where NaN
+    assert (ours.view(np.uint32) & 0xFFFF == 0)[~np.isnan(values)].all()  # bfloat16s: the low 16 bits are 0
+    assert round_to_bfloat16(np.float32(1 + 2 ** -8)) == 1 and round_to_bfloat16(np.float32(1 + 3 * 2 ** -8)) == 1 + 2 ** -6
 
 
 def test_loss_scaler_backs_off_on_overflow_and_grows_after_clean_steps():
@@ -86,15 +119,15 @@ def test_unscale_is_exact_and_one_inf_or_nan_is_found(xp):
 class TinyRun:
     """resmlp_tiny at 16 px and its optimizer, stepped by the one training step (minimlp.step)."""
 
-    def __init__(self, amp, scale=2.0 ** 16):
+    def __init__(self, precision):
         self.model = create_model("resmlp_tiny", img_size=16, seed=0)
         self.optimizer = AdamW(self.model.parameters, self.model.ops, lr=1e-3)
-        self.scaler = LossScaler(init_scale=scale) if amp else NoLossScaling()
+        self.precision = precision
 
     def train_step(self, images, labels):
-        loss, _ = train_step(self.model, self.optimizer, images, labels, 1e-3, self.scaler, smoothing=0.1,
-                             clip_grad=1.0)
-        return float(loss)
+        loss, taken = train_step(self.model, self.optimizer, images, labels, 1e-3, self.precision, smoothing=0.1,
+                                 clip_grad=1.0)
+        return float(loss), taken
 
 
 def batch(seed):
@@ -102,36 +135,96 @@ def batch(seed):
     return rng.normal(size=(16, 3, 16, 16)).astype(np.float32), rng.integers(0, 10, 16)
 
 
-def test_a_step_with_overflowing_gradients_is_skipped_and_the_next_one_taken():
-    trainer = TinyRun(amp=True, scale=2.0 ** 40)  # S * gradients beyond float16's 65504
-    model = trainer.model
+def test_a_float16_step_with_overflowing_gradients_is_skipped_and_the_next_one_taken():
+    trainer = TinyRun(Precision("float16", "float16", LossScaler(init_scale=2.0 ** 40)))  # S * grads > 65504
+    model, scaler = trainer.model, trainer.precision.loss_scaler
     before = model.parameters.data.copy()
-    trainer.train_step(*batch(0))
-    assert trainer.scaler.skipped_steps == 1 and trainer.scaler.scale == 2.0 ** 39
+    assert trainer.train_step(*batch(0))[1] is False
+    assert scaler.skipped_steps == 1 and scaler.scale == 2.0 ** 39
     assert (model.parameters.data == before).all() and trainer.optimizer.step_count == 0
-    trainer.scaler.scale = 2.0 ** 10
-    trainer.train_step(*batch(0))
+    scaler.scale = 2.0 ** 10
+    assert trainer.train_step(*batch(0))[1] is True
     assert trainer.optimizer.step_count == 1 and (model.parameters.data != before).any()
 
 
-def test_amp_steps_follow_float32_steps():
-    """Ten steps on the same batches: float16 matmul inputs change the losses by a fraction of a percent."""
+def test_a_bfloat16_step_is_never_skipped():
+    """Gradients that hold inf and NaN (an image of 3e38s overflows the forward): float16 skips the step;
+    bfloat16 takes it, because it checks nothing (no loss scale, nothing read back from the device)."""
+    images, labels = batch(0)
+    images[0] = 3e38
+    for name, taken in [("float16", False), ("bfloat16", True)]:
+        trainer = TinyRun(policy(name))
+        with np.errstate(all="ignore"):
+            assert trainer.train_step(images, labels)[1] is taken
+            assert not np.isfinite(trainer.model.parameters.grad).all()
+        assert trainer.optimizer.step_count == int(taken)
+
+
+@pytest.mark.parametrize("name", ["float32", "bfloat16"])
+def test_float32_and_bfloat16_steps_call_nothing_of_loss_scaling(name, monkeypatch):
+    """Every function called during the step, recorded: none is loss scaling's (the float32 policy is
+    nothing the step calls; bfloat16 pays for no scaler)."""
+    trainer = TinyRun(policy(name))
+    called = []
+
+    def record(frame, event, arg):
+        if event == "call":
+            called.append(frame.f_code)
+    sys.setprofile(record)
+    try:
+        trainer.train_step(*batch(0))
+    finally:
+        sys.setprofile(None)
+    assert trainer.optimizer.step_count == 1 and called
+    assert not [code.co_name for code in called if code.co_filename == loss_scaling.__file__]
+
+
+def step_gradients(model, images, labels, precision):
+    """The flat gradient of one train_step at lr 0 (weights unchanged), as float64."""
+    optimizer = AdamW(model.parameters, model.ops, lr=0.0)
+    train_step(model, optimizer, images, labels, 0.0, precision, smoothing=0.1)
+    return model.parameters.grad.astype(np.float64)
+
+
+def test_a_whole_bfloat16_step_has_float64_gradients_within_its_bound():
+    """resmlp_tiny (32 px, 6 blocks of dim 128), batch 8: every parameter's gradient from a bfloat16 step
+    against the float64 step of the same weights. Each product's operands carry a relative rounding error of
+    at most 2^-8 (3.9e-3); errors of independent roundings add up in quadrature over a gradient's entries,
+    and backward chains about 2 x 6 blocks of products, so the relative error of a gradient (its norm) stays
+    within a few 2^-8: bound 4 x 2^-8 = 1.6% for every tensor (measured: 0.64% at most, blocks.1.norm1.beta).
+    The float32 step's worst is 1000x smaller: the bfloat16 step did round."""
+    rng = np.random.default_rng(5)
+    images, labels = rng.normal(size=(8, 3, 32, 32)), rng.integers(0, 10, 8)
+    reference = step_gradients(create_model("resmlp_tiny", dtype="float64", seed=2), images, labels, policy("float32"))
+    ours = {name: step_gradients(create_model("resmlp_tiny", seed=2), images, labels, policy(name))
+            for name in ("float32", "bfloat16")}
+    model = create_model("resmlp_tiny", seed=2)
+    errors = {name: {key: np.linalg.norm(gradient[where] - reference[where]) / np.linalg.norm(reference[where])
+                     for key, where in model.parameters.slices.items()} for name, gradient in ours.items()}
+    worst = max(errors["bfloat16"], key=errors["bfloat16"].get)
+    assert errors["bfloat16"][worst] < 4 * 2.0 ** -8, f"{worst}: {errors['bfloat16'][worst]:.2e}"
+    assert max(errors["float32"].values()) < 1e-2 * errors["bfloat16"][worst]
+
+
+@pytest.mark.parametrize("name, tolerance", [("float16", 5e-3), ("bfloat16", 2e-2)])
+def test_half_precision_steps_follow_float32_steps(name, tolerance):
+    """Ten steps on the same batches: 16-bit matmul inputs change the losses by a fraction of a percent
+    (bfloat16's 8-bit significand: more than float16's 11 bits)."""
     losses = {}
-    for amp in (False, True):
-        trainer = TinyRun(amp)
-        losses[amp] = [trainer.train_step(*batch(step % 3)) for step in range(10)]
-        if amp:
-            assert trainer.scaler.skipped_steps == 0
-    np.testing.assert_allclose(losses[True], losses[False], rtol=5e-3)
-    assert losses[True] != losses[False]  # the AMP run did use float16
+    for precision in ("float32", name):
+        trainer = TinyRun(policy(precision))
+        losses[precision] = [trainer.train_step(*batch(step % 3))[0] for step in range(10)]
+        assert trainer.optimizer.step_count == 10  # none skipped
+    np.testing.assert_allclose(losses[name], losses["float32"], rtol=tolerance)
+    assert losses[name] != losses["float32"]  # the 16-bit run did round
 
 
 def test_amp_run_resumes_exactly_with_its_loss_scale(tmp_path):
-    """An --amp checkpoint carries the loss scaler: a run stopped by Ctrl-C and resumed ends exactly where an
-    uninterrupted one ends, and a resumed run continues with the checkpoint's scale and counts."""
+    """An --amp float16 checkpoint carries the loss scaler: a run stopped by Ctrl-C and resumed ends exactly
+    where an uninterrupted one ends, and a resumed run continues with the checkpoint's scale and counts."""
     from minimlp.data.synthetic import ensure_shapes_dataset
     shapes = ensure_shapes_dataset(tmp_path / "cache", train_per_class=24, val_per_class=6)
-    settings = ["--data", shapes, "--epochs", 3, *FAST, "--amp"]
+    settings = ["--data", shapes, "--epochs", 3, *FAST, "--amp", "--amp-dtype", "float16"]
     train(*settings, "--output", tmp_path / "straight")
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, settings), "--output",
                                 str(tmp_path / "resumed")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -160,3 +253,26 @@ def test_amp_run_resumes_exactly_with_its_loss_scale(tmp_path):
     steps = 240 // 16  # one epoch of the small shapes10 copy
     assert (record["loss_scale"], record["skipped_steps"]) == (1024.0, 3)
     assert load_checkpoint(tmp_path / "edited" / "checkpoint.npz")[2]["loss_scaler"]["clean_steps"] == 7 + steps
+
+
+def test_a_resume_keeps_the_runs_precision(tmp_path):
+    """A float16 run on the CPU (whose --amp-dtype default is bfloat16) resumes in float16; so does a checkpoint
+    written before --amp-dtype existed (its settings lack it: --amp meant float16); a float32 run stays float32."""
+    from minimlp.data.synthetic import ensure_shapes_dataset
+    shapes = ensure_shapes_dataset(tmp_path / "cache", train_per_class=8, val_per_class=2)
+    common = ["--data", shapes, *FAST]
+    train(*common, "--epochs", 1, "--amp", "--amp-dtype", "float16", "--output", tmp_path / "half")
+    weights, optimizer_state, meta = load_checkpoint(tmp_path / "half" / "checkpoint.npz")
+    assert (meta["settings"]["amp"], meta["settings"]["amp_dtype"]) == (True, "float16")
+    del meta["settings"]["amp_dtype"]
+    save_checkpoint(tmp_path / "before" / "checkpoint.npz", weights, optimizer_state, meta)
+    train(*common, "--epochs", 1, "--output", tmp_path / "full")
+    for run in ("half", "before", "full"):
+        result = train("--resume", tmp_path / run / "checkpoint.npz", "--epochs", 2)
+        settings = load_checkpoint(tmp_path / run / "checkpoint.npz")[2]["settings"]
+        record = read_log(tmp_path / run)[-1]
+        if run == "full":
+            assert settings["amp"] is False and "loss_scale" not in record and "mixed precision" not in result.stdout
+        else:
+            assert settings["amp_dtype"] == "float16" and "loss_scale" in record, run
+            assert "mixed precision: float16" in result.stdout

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from minimlp.loss_scaling import LossScaler
 from minimlp.model import ResMLP
 from minimlp.optim import AdamW
+from minimlp.precision import policy
 from minimlp.step import train_step
 from minimlp.training.checkpoint import read_resume, restore_run
 from minimlp.training.ema import ModelEma
@@ -27,14 +27,14 @@ def test_a_checkpoint_of_the_flat_layout_resumes_bit_for_bit():
                                                  "layerscale_init", "drop_path")}
     model = ResMLP(**config, seed=1, fast=False)  # another seed: every value must come from the file
     optimizer = AdamW(model, lr=1e-3, weight_decay=0.05)
-    scaler, ema = LossScaler(), ModelEma(model.parameters.data, decay=0.9)
-    position = restore_run(path, checkpoint, model, optimizer, scaler, 0.05, ema=ema)
+    precision, ema = policy("float16"), ModelEma(model.parameters.data, decay=0.9)  # the run had --amp
+    position = restore_run(path, checkpoint, model, optimizer, precision, 0.05, ema=ema)
     assert position["global_step"] == 2 and meta["classes"] == ["a", "b", "c"]
-    loss, finite = train_step(model, optimizer, expected["images"], expected["labels"], lr=1e-3, scaler=scaler,
+    loss, finite = train_step(model, optimizer, expected["images"], expected["labels"], lr=1e-3, precision=precision,
                               smoothing=0.1)
     ema.update(model.parameters.data)
     assert finite
     assert float(loss) == float(expected["loss"])
     np.testing.assert_array_equal(model.parameters.data, expected["parameters"])
     np.testing.assert_array_equal(ema.data, expected["ema"])
-    assert scaler.scale == float(expected["loss_scale"])
+    assert precision.loss_scaler.scale == float(expected["loss_scale"])

@@ -16,7 +16,7 @@ import pytest
 from minimlp import backend, create_model, ops
 from minimlp.tools.gradcheck import numerical_gradients, relative_error
 from minimlp.layers import gelu_forward, residual_backward, residual_forward
-from minimlp.loss_scaling import NoLossScaling
+from minimlp.precision import policy
 from minimlp.optim import AdamW
 from minimlp.step import train_step
 from tests.conftest import GPU_SKIP_REASON
@@ -158,8 +158,8 @@ def test_whole_training_step_fast_matches_reference(fast):
     for use_fast in (True, False):
         model = create_model("resmlp_tiny", device=device, dtype=dtype, drop_path=0.2, seed=0, fast=use_fast)
         assert (model.ops.name != "reference") == use_fast
-        optimizer = AdamW(model, lr=1e-3, weight_decay=0.05)
-        losses = [train_step(model, optimizer, images, labels, 1e-3, NoLossScaling(), smoothing=0.1)[0]
+        optimizer = AdamW(model.parameters, model.ops, lr=1e-3, weight_decay=0.05)
+        losses = [train_step(model, optimizer, images, labels, 1e-3, policy("float32"), smoothing=0.1)[0]
                   for _ in range(3)]
         results[use_fast] = [xp.stack(losses), model.forward(images), model.parameters.grad, model.parameters.data]
     for name, ours, reference in zip(["losses", "logits", "gradients", "parameters"], results[True], results[False]):

@@ -23,7 +23,7 @@ from minimlp.backend import gpu_available
 from minimlp.training.checkpoint import load_checkpoint
 from minimlp.data.device_feed import DeviceFeed
 from minimlp.data.loader import Loader
-from minimlp.loss_scaling import LossScaler, NoLossScaling
+from minimlp.precision import policy
 from minimlp.optim import AdamW
 from minimlp.step import train_step
 from minimlp.data.synthetic import ensure_shapes_dataset
@@ -73,8 +73,8 @@ def test_imagenet_shaped_steps_match_the_cpu(tmp_path, amp):
     losses = {}
     for device in ("cpu", "gpu"):
         model = create_model("resmlp_s12", device=device, seed=0, drop_path=0.05)
-        optimizer, scaler = AdamW(model, lr=5e-4), LossScaler() if amp else NoLossScaling()
-        losses[device] = [float(train_step(model, optimizer, x, y, 5e-4, scaler, smoothing=0.1)[0])
+        optimizer, precision = AdamW(model.parameters, model.ops, lr=5e-4), policy("float16" if amp else "float32")
+        losses[device] = [float(train_step(model, optimizer, x, y, 5e-4, precision, smoothing=0.1)[0])
                           for x, y in DeviceFeed(device, model.dtype).batches(loader.epoch(0))]
     assert len(losses["gpu"]) == 3
     # step 1: the same weights and images, float32 sums in another order; later steps: after AdamW updates,

@@ -54,7 +54,7 @@ from cupy.cuda import compiler  # noqa: E402
 
 from minimlp import backend, create_model  # noqa: E402
 from minimlp.fast import cuda_kernels
-from minimlp.loss_scaling import NoLossScaling  # noqa: E402
+from minimlp.precision import policy  # noqa: E402
 from minimlp.optim import AdamW  # noqa: E402
 from minimlp.step import train_step  # noqa: E402
 from tests.conftest import GPU_SKIP_REASON  # noqa: E402
@@ -407,11 +407,11 @@ def one_training_step(dtype, drop_path, device="cpu", fast=False, record_operati
     """One train_step of SMALL_RESMLP; returns the recorded operation calls (record_operations) or []."""
     model = create_model("resmlp_s12", device=device, dtype=dtype, fast=fast, drop_path=drop_path, **SMALL_RESMLP)
     calls = recorded_operation_calls(model) if record_operations else []
-    optimizer = AdamW(model, lr=1e-3, weight_decay=0.05)  # takes model.ops.adamw_update: after the recorder
+    optimizer = AdamW(model.parameters, model.ops, lr=1e-3, weight_decay=0.05)  # the recorder's adamw_update
     rng = np.random.default_rng(0)
     images = rng.normal(size=(BATCH, 3, SMALL_RESMLP["img_size"], SMALL_RESMLP["img_size"]))
     train_step(model, optimizer, images, rng.integers(0, SMALL_RESMLP["num_classes"], BATCH), lr=1e-3,
-               scaler=NoLossScaling(), smoothing=0.1)
+               precision=policy("float32"), smoothing=0.1)
     return calls
 
 

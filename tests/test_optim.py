@@ -9,7 +9,7 @@ import pytest
 from minimlp import create_model, ops
 from minimlp.backend import to_numpy
 from minimlp.tools.gradcheck import relative_error
-from minimlp.loss_scaling import NoLossScaling
+from minimlp.precision import policy
 from minimlp.optim import AdamW, Lamb, clip_grad_norm
 from minimlp.parameters import Parameters
 from minimlp.schedule import lr_at
@@ -154,7 +154,7 @@ def test_full_model_matches_timm(xp, device, name):
         images = rng.normal(size=(4, 3, 16, 16))
         labels = rng.integers(0, 10, size=4)
         lr = lr_at(step, **schedule)
-        loss, _ = train_step(model, optimizer, images, labels, lr, NoLossScaling())
+        loss, _ = train_step(model, optimizer, images, labels, lr, policy("float32"))
         expected = torch_step(reference, lambda: torch.nn.functional.cross_entropy(
             twin(torch.from_numpy(images)), torch.from_numpy(labels)), lr)
         assert abs(float(loss) - expected) < 1e-9 * abs(expected), f"step {step}: {float(loss)} != {expected}"

@@ -11,10 +11,13 @@ the images, augmentations and masks that one process sees with --batch-size K x 
 averaged over the ranks before clipping and the optimizer (minimlp.parallel.allreduce), so every rank takes the
 same step and holds the same weights; evaluation is sharded the same way and its sums added up.
 
-Both worlds have the same methods, so the training step (minimlp.step) and the loop have no
-"single process?" branches, as NoLossScaling stands in for the loss scaler in float32:
+Both worlds have the same methods, so the loop has no "single process?" branches; the training step
+(minimlp.step) is given the world as `sync` under data parallel only (in one process its backward is
+model.backward), and uses MPIWorld's
     backward(model, dlogits)   model.backward, then the mean gradient over the ranks
-    all_true(flag), max(value) one decision for every rank (a finite gradient; stop now)
+    all_true(flag)             one decision for every rank (a finite gradient, under float16)
+Both have
+    max(value)                 one decision for every rank (stop now)
     sum(values)                elementwise sum over the ranks (evaluation counts, training losses)
     barrier(), from_writer(f)  wait for every rank; f() on rank 0, its result on every rank
     check_same(settings)       refuse to start when ranks run other flags or other code
@@ -117,14 +120,8 @@ def unlink_shared_memory(local):
     rank, size, local_rank = 0, 1, 0
     is_writer = True
 
-    def backward(self, model, dlogits):
-        model.backward(dlogits)
-
     def together(self, action):
         return action()
-
-    def all_true(self, flag):
-        return bool(flag)
 
     def max(self, value):
         return value

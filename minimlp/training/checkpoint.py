@@ -127,12 +127,16 @@ def read_meta(path):
 
 
 # ---------------------------------------------------------------------------------------------
-# A whole run: model, optimizer, loss scaler, generators, where it stands, its classes and settings.
+# A whole run: model, optimizer, float16's loss scaler, generators, where it stands, its classes and settings.
 # ---------------------------------------------------------------------------------------------
-def save_run(path, model, optimizer, scaler, position, classes, settings, ema=None):
-    """ema: the run's minimlp.training.ema.ModelEma (--model-ema), or None."""
+def save_run(path, model, optimizer, precision, position, classes, settings, ema=None):
+    """precision: the run's minimlp.precision.Precision (its name is in settings: --amp, --amp-dtype; its loss
+    scaler's state, float16 only, in loss_scaler); ema: the run's minimlp.training.ema.ModelEma (--model-ema), or
+    None."""
+    scaler = precision.loss_scaler
     meta = dict(position=position, classes=list(classes), model=model.config, settings=settings,
-                drop_path_rng=model.drop_path_rng.bit_generator.state, loss_scaler=scaler.state_dict())
+                drop_path_rng=model.drop_path_rng.bit_generator.state,
+                loss_scaler=scaler.state_dict() if scaler else None)
     extra = {"ema": ema.state_dict()} if ema is not None else None
     save_checkpoint(path, model.state_dict(), optimizer.state_dict(), meta, extra)
 
@@ -145,18 +149,18 @@ def load_weights_of(path, model, weights):
         raise WeightsError(f"{path}: {error}") from None
 
 
-def restore_run(path, checkpoint, model, optimizer, scaler, weight_decay, ema=None):
-    """Put a checkpoint's state (from read_resume of `path`) into a freshly built model, optimizer, loss scaler and
-    EMA (--model-ema; one that the checkpoint lacks starts from its weights); returns the position to
-    continue from. weight_decay: the run's --weight-decay, which wins over the checkpoint's (the flag
-    defaults to it)."""
+def restore_run(path, checkpoint, model, optimizer, precision, weight_decay, ema=None):
+    """Put a checkpoint's state (from read_resume of `path`) into a freshly built model, optimizer, precision (a
+    float16 run's loss scaler; one that the checkpoint lacks starts afresh) and EMA (--model-ema; one that the
+    checkpoint lacks starts from its weights); returns the position to continue from. weight_decay: the run's
+    --weight-decay, which wins over the checkpoint's (the flag defaults to it)."""
     weights, optimizer_state, meta, groups = checkpoint
     load_weights_of(path, model, weights)
     optimizer.load_state_dict(optimizer_state)
     optimizer.weight_decay = weight_decay
     model.drop_path_rng.bit_generator.state = meta["drop_path_rng"]
-    if meta.get("loss_scaler"):  # an AMP run goes on with its loss scale
-        scaler.load_state_dict(meta["loss_scaler"])
+    if meta.get("loss_scaler") and precision.loss_scaler:  # a float16 run goes on with its loss scale
+        precision.loss_scaler.load_state_dict(meta["loss_scaler"])
     if ema is not None:
         decay = ema.decay  # the run's --model-ema-decay wins, as --weight-decay does
         if "ema" in groups:
