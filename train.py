@@ -37,7 +37,8 @@ from minimlp.data.random_erasing import MODES as ERASING_MODES, RandomErasing
 from minimlp.data.sampler import RepeatedAugmentationSampler
 from minimlp.data.synthetic import ensure_shapes_dataset
 from minimlp.training.teacher import load_teacher
-from minimlp.data.transforms import IMAGENET_MEAN, TRAIN_INTERPOLATIONS
+from minimlp.data.normalize import IMAGENET_MEAN
+from minimlp.data.transforms import TRAIN_INTERPOLATIONS
 from minimlp.losses import CrossEntropy
 from minimlp.ops import select
 from minimlp.optim import make_optimizer

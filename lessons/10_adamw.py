@@ -44,7 +44,7 @@ heading("2. The same, from scratch, one tensor at a time")
 model = create_model("resmlp_tiny", dim=16, depth=2, num_classes=5, dtype="float64", seed=0)
 images, labels = rng.normal(size=(4, 3, 32, 32)), np.array([0, 1, 2, 3])
 lr, betas, eps, weight_decay = 1e-2, (0.9, 0.999), 1e-8, 0.05
-optimizer = AdamW(model, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+optimizer = AdamW(model.parameters, model.ops, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 mine = {name: value.copy() for name, value in model.params.items()}  # our own copy of the weights
 m = {name: np.zeros_like(value) for name, value in mine.items()}
 v = {name: np.zeros_like(value) for name, value in mine.items()}
@@ -94,7 +94,7 @@ if torch is not None:
     reference = torch.optim.AdamW([{"params": [t for t in tensors.values() if t.ndim > 1], "weight_decay": weight_decay},
                                    {"params": [t for t in tensors.values() if t.ndim <= 1], "weight_decay": 0.0}],
                                   lr=lr, betas=betas, eps=eps)
-    optimizer = AdamW(model, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    optimizer = AdamW(model.parameters, model.ops, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     fixed_grads = {name: rng.normal(size=value.shape) for name, value in start.items()}  # the same g every step
     for name, value in fixed_grads.items():
         model.grads[name][...] = value
@@ -141,6 +141,6 @@ check(Lamb.__doc__ is not None and "trust" in Lamb.__doc__, "minimlp.optim.Lamb 
 # 3. Turn off the decay mask (decay every tensor) and train lesson 11 for longer: what happens to
 #    the LayerScale gammas and Affine alphas? -> they are pulled towards 0, fighting the gains
 #    the network needs; that is why 1-D parameters are excluded (docs/reference.md, Training recipe).
-# 4. Replace AdamW by Lamb(model, lr=5e-3, weight_decay=0.2) in lesson 11. -> it trains too; LAMB's
+# 4. Replace AdamW by Lamb(model.parameters, lr=5e-3, weight_decay=0.2) in lesson 11. -> it trains too; LAMB's
 #    advantage shows at the paper's batch size of 2048, not at 64.
 print("\nLesson 10 done: AdamW = Adam + decoupled decay on matrices; lr = warmup then cosine.")

@@ -26,7 +26,7 @@ from minimlp.precision import Precision, policy
 from minimlp.optim import AdamW
 from minimlp.step import train_step
 from minimlp.data.synthetic import SHAPES_CLASSES, draw_image
-from minimlp.data.transforms import normalize
+from minimlp.data.normalize import normalize
 
 import matplotlib.pyplot as plt  # noqa: E402  (after _lesson, which chose the file-writing backend)
 

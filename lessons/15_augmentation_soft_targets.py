@@ -26,7 +26,7 @@ from minimlp import losses
 from minimlp.data import mixup, randaugment, random_erasing
 from minimlp.data.sampler import RepeatedAugmentationSampler
 from minimlp.data.synthetic import SHAPES_CLASSES, draw_image
-from minimlp.data.transforms import IMAGENET_MEAN, normalize
+from minimlp.data.normalize import IMAGENET_MEAN, normalize
 
 import matplotlib.pyplot as plt  # noqa: E402  (after _lesson, which chose the file-writing backend)
 

@@ -31,7 +31,7 @@ from minimlp.precision import policy
 from minimlp.optim import AdamW
 from minimlp.step import train_step
 from minimlp.data.synthetic import SHAPES_CLASSES, draw_image
-from minimlp.data.transforms import normalize
+from minimlp.data.normalize import normalize
 
 RANK_FLAG = "--as-a-rank"  # section 2 starts this file again under mpiexec with this flag and a folder
 GLOBAL_BATCH, LR = 16, 1e-3
@@ -59,7 +59,7 @@ def run_as_a_rank(folder):
     model.drop_path_shard = (world.rank, world.size)  # draw the global batch's masks, keep this rank's
     images, labels = global_batch()
     mine = slice(world.rank, None, world.size)
-    optimizer = AdamW(model, lr=LR, weight_decay=0.05)
+    optimizer = AdamW(model.parameters, model.ops, lr=LR, weight_decay=0.05)
     loss, finite = train_step(model, optimizer, images[mine], labels[mine], lr=LR, precision=policy("float32"),
                               smoothing=0.1, sync=world)
     losses_of_ranks = world.sum([float(loss)])
@@ -149,7 +149,8 @@ else:
     check(result.returncode == 0 and len(list(folder.glob("rank*.npz"))) == 2, "mpiexec -n 2 ran both ranks to the end")
     ranks_saved = [np.load(folder / f"rank{rank}.npz") for rank in range(2)]
     model = small_model()  # one process, the whole batch, the same step
-    loss, _ = train_step(model, AdamW(model, lr=LR, weight_decay=0.05), images, labels, lr=LR, precision=policy("float32"),
+    optimizer = AdamW(model.parameters, model.ops, lr=LR, weight_decay=0.05)
+    loss, _ = train_step(model, optimizer, images, labels, lr=LR, precision=policy("float32"),
                          smoothing=0.1)
     gradient_error = max(np.abs(saved["grad"] - model.parameters.grad).max() for saved in ranks_saved)
     weight_error = max(np.abs(saved["weights"] - model.parameters.data).max() for saved in ranks_saved)

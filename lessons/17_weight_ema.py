@@ -31,7 +31,7 @@ from minimlp.optim import AdamW
 from minimlp.schedule import lr_at
 from minimlp.step import train_step
 from minimlp.data.synthetic import draw_split
-from minimlp.data.transforms import normalize
+from minimlp.data.normalize import normalize
 
 import matplotlib.pyplot as plt  # noqa: E402  (after _lesson, which chose the file-writing backend)
 
@@ -127,7 +127,7 @@ train_images, train_labels = draw_split(0, TRAIN_PER_CLASS, seed=17)  # minimlp.
 val_images, val_labels = draw_split(1, VAL_PER_CLASS, seed=17)
 train_x, val_x = normalize(train_images), normalize(val_images)
 model = create_model("resmlp_tiny", dim=64, depth=2, patch_size=8, seed=0)
-optimizer = AdamW(model, lr=LR, weight_decay=0.05)
+optimizer = AdamW(model.parameters, model.ops, lr=LR, weight_decay=0.05)
 ema = ModelEma(model.parameters.data, decay=DECAY)
 print(f"{len(train_x)} training and {len(val_x)} validation images drawn in {time.perf_counter() - start:.1f} s; "
       f"{model.num_params():,} parameters, batch {BATCH}, lr {LR} constant after 50 warmup steps, EMA decay {DECAY} "

@@ -51,7 +51,7 @@ def main():
                           scale=(0.5, 1.0))
     val_loader = Loader(val_set, args.batch_size, train=False, img_size=16, workers=0, rank=world.rank,
                         num_replicas=world.size)
-    optimizer = AdamW(model, lr=2e-3, weight_decay=0.05)
+    optimizer = AdamW(model.parameters, model.ops, lr=2e-3, weight_decay=0.05)
     feed = DeviceFeed(model.device, model.dtype)
     step, epoch = 0, 0
     while step < args.steps:

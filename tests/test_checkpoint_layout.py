@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from minimlp.model import ResMLP
+from minimlp.ops import REFERENCE_OPERATIONS
 from minimlp.optim import AdamW
 from minimlp.precision import policy
 from minimlp.step import train_step
@@ -25,8 +26,8 @@ def test_a_checkpoint_of_the_flat_layout_resumes_bit_for_bit():
     meta = checkpoint[2]
     config = {key: meta["model"][key] for key in ("num_classes", "img_size", "patch_size", "dim", "depth",
                                                  "layerscale_init", "drop_path")}
-    model = ResMLP(**config, seed=1, fast=False)  # another seed: every value must come from the file
-    optimizer = AdamW(model, lr=1e-3, weight_decay=0.05)
+    model = ResMLP(**config, seed=1, ops=REFERENCE_OPERATIONS)  # another seed: every value must come from the file
+    optimizer = AdamW(model.parameters, model.ops, lr=1e-3, weight_decay=0.05)
     precision, ema = policy("float16"), ModelEma(model.parameters.data, decay=0.9)  # the run had --amp
     position = restore_run(path, checkpoint, model, optimizer, precision, 0.05, ema=ema)
     assert position["global_step"] == 2 and meta["classes"] == ["a", "b", "c"]

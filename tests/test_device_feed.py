@@ -1,6 +1,7 @@
 """DeviceFeed: every batch arrives on the device, normalized, in order, whatever its size. On the GPU
 this checks the double-buffered pinned copies (a missing event wait shows as a batch holding another
 batch's pixels); on the CPU the feed is a pass-through."""
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -9,7 +10,7 @@ import numpy as np
 from minimlp.data import device_feed
 from minimlp.backend import to_numpy
 from minimlp.data.device_feed import DeviceFeed
-from minimlp.data.transforms import normalize
+from minimlp.data.normalize import normalize
 
 
 def host_batches(sizes, img_size=8):
@@ -156,3 +157,11 @@ def test_gpu_feed_orders_every_access_across_its_streams(monkeypatch):
     for (images, labels), (x, y) in zip(host_batches(sizes), received):
         np.testing.assert_array_equal(y, labels)
         np.testing.assert_allclose(x, normalize(images), rtol=1e-6, atol=1e-6)
+
+
+def test_the_device_side_does_not_reach_back_into_the_pillow_side():
+    """normalize lives with the device (minimlp.data.normalize): the feed imports no Pillow transform."""
+    code = "import sys, minimlp.data.device_feed; print(sorted(m for m in sys.modules if m.split('.')[0] == 'PIL' " \
+           "or m == 'minimlp.data.transforms'))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -443,7 +443,7 @@ def test_nccl_buckets_on_one_gpu_average_to_the_gradient():
     results = []
     for sync in (None, "nccl"):
         model = create_model("resmlp_tiny", img_size=16, device="gpu", seed=5)
-        optimizer = AdamW(model, lr=1e-3)
+        optimizer = AdamW(model.parameters, model.ops, lr=1e-3)
         images = np.random.default_rng(0).normal(size=(8, 3, 16, 16)).astype(np.float32)
         if sync == "nccl":
             averaging = BucketedMean(model.parameters, transport, bucket_bytes=64 * 1024)

@@ -23,7 +23,7 @@ The batch of step k+1 is therefore already on its way when step k is handed to t
 """
 import numpy as np
 
-from .transforms import normalize
+from .normalize import normalize
 
 
 class DeviceFeed:

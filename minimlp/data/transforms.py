@@ -1,4 +1,4 @@
-"""Image file -> uint8 array (3, H, W), and uint8 batch -> normalized float batch on the device.
+"""Image file -> uint8 array (3, H, W), on the host (the device normalizes: minimlp.data.normalize).
 
 Decoding goes through Pillow, from any mode (RGB, L, CMYK, P, RGBA, LA, I;16, ...) to RGB. For
 training, large JPEGs are decoded at a reduced size (Pillow's draft mode: libjpeg scales by 1/2, 1/4
@@ -26,12 +26,8 @@ import math
 import numpy as np
 from PIL import Image
 
-from ..backend import get_xp
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
 TRAIN_INTERPOLATIONS = ("bilinear", "bicubic", "random")  # DeiT's --train-interpolation (default bicubic)
 RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
@@ -172,21 +168,3 @@ def eval_transform(path, img_size, crop_pct=0.875, draft=False):
         left, top = center_crop_offset(resized_size, img_size)
         resized = to_rgb(image).resize(resized_size, Image.Resampling.BICUBIC)
     return to_chw(resized.crop((left, top, left + img_size, top + img_size)))
-
-
-# ---------------------------------------------------------------- on the device
-
-def normalize(batch, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype="float32"):
-    """uint8 (B, 3, H, W) numpy or cupy -> (batch / 255 - mean) / std in `dtype`, same device.
-
-    Batches travel to the device as uint8 (4x fewer bytes than float32) and are normalized there.
-    Written as one multiply-add: x * (1 / (255 std)) + (-mean / std).
-    """
-    if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1] != 3:
-        raise ValueError(f"normalize expects a uint8 batch of shape (B, 3, H, W), got {batch.dtype} {batch.shape}")
-    xp = get_xp(batch)
-    mean = np.asarray(mean, dtype=np.float64)
-    std = np.asarray(std, dtype=np.float64)
-    multiplier = xp.asarray(1 / (255 * std), dtype=dtype).reshape(1, 3, 1, 1)
-    offset = xp.asarray(-mean / std, dtype=dtype).reshape(1, 3, 1, 1)
-    return batch.astype(dtype) * multiplier + offset
