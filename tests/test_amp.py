@@ -12,12 +12,13 @@ import sys
 import numpy as np
 import pytest
 
-from minimlp import create_model, loss_scaling
+from minimlp import backend, create_model, loss_scaling
 from minimlp.loss_scaling import LossScaler
 from minimlp.optim import AdamW
 from minimlp.precision import HALF_DTYPES, HALF_ROUNDING, Precision, autocast, matmul, policy, round_to_bfloat16
 from minimlp.step import train_step
 from minimlp.training.checkpoint import load_checkpoint, save_checkpoint
+from tests.conftest import GPU_SKIP_REASON
 from tests.test_train import FAST, ROOT, read_log, train
 
 
@@ -88,6 +89,22 @@ def test_bfloat16_rounding_is_round_to_nearest_even_as_torch_does():
     np.testing.assert_array_equal(ours, theirs)  # NaN where NaN
     assert (ours.view(np.uint32) & 0xFFFF == 0)[~np.isnan(values)].all()  # bfloat16s: the low 16 bits are 0
     assert round_to_bfloat16(np.float32(1 + 2 ** -8)) == 1 and round_to_bfloat16(np.float32(1 + 3 * 2 ** -8)) == 1 + 2 ** -6
+
+
+@pytest.mark.skipif(not backend.gpu_available(), reason=GPU_SKIP_REASON)
+def test_the_gpus_bfloat16_rounding_is_numpys():
+    """cuda_kernels.to_bfloat16 (cuBLAS's bfloat16 operands) gives round_to_bfloat16's bits, from a transposed
+    view as the layers pass weight.T; a NaN stays a NaN."""
+    import cupy
+    from minimlp.fast.cuda_kernels import to_bfloat16
+    rng = np.random.default_rng(4)
+    values = rng.integers(0, 2 ** 32, size=(300, 700), dtype=np.uint64).astype(np.uint32).view(np.float32)
+    bits = to_bfloat16(cupy.asarray(values).T).get()
+    expected = round_to_bfloat16(values.T)
+    assert bits.dtype == np.uint16 and bits.flags.c_contiguous and bits.shape == (700, 300)
+    kept = ~np.isnan(expected)
+    np.testing.assert_array_equal(bits[kept], (expected.view(np.uint32)[kept] >> 16).astype(np.uint16))
+    assert np.isnan((bits[~kept].astype(np.uint32) << 16).view(np.float32)).all()
 
 
 def test_loss_scaler_backs_off_on_overflow_and_grows_after_clean_steps():

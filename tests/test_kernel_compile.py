@@ -7,7 +7,9 @@ reach every element. A launch needs a GPU, so this file does what the launch wou
   1. One training step (minimlp.step.train_step) of a small ResMLP on the CPU, with drop path off and on,
      records each call of an operation that the GPU's fast path offers (cuda_kernels.OPERATIONS), with the
      very arrays the model passes: views of the flat parameter buffer, broadcast biases, reshapes. These
-     layouts are the GPU model's at any size (S12 at batch 256 included).
+     layouts are the GPU model's at any size (S12 at batch 256 included). The same steps under
+     --amp-dtype bfloat16 record every matrix product's operands, which cuda_kernels.to_bfloat16 rounds
+     for cuBLAS on the GPU.
   2. Each recorded call runs cuda_kernels' function with NumPy arrays standing in for CuPy's and CuPy's kernel
      classes replaced by recorders: that lists every kernel launch, its kernel and its arguments.
   3. For each launch, CuPy's own code generator (cupy._core internals: CuPy is pinned in
@@ -52,7 +54,7 @@ from cupy._core import _carray, _kernel, _reduction, _scalar, internal  # noqa: 
 from cupy._core import core as cupy_core  # noqa: E402
 from cupy.cuda import compiler  # noqa: E402
 
-from minimlp import backend, create_model  # noqa: E402
+from minimlp import backend, create_model, layers, precision  # noqa: E402
 from minimlp.fast import cuda_kernels
 from minimlp.precision import policy  # noqa: E402
 from minimlp.optim import AdamW  # noqa: E402
@@ -403,15 +405,16 @@ def recorded_operation_calls(model):
     return calls
 
 
-def one_training_step(dtype, drop_path, device="cpu", fast=False, record_operations=False):
-    """One train_step of SMALL_RESMLP; returns the recorded operation calls (record_operations) or []."""
+def one_training_step(dtype, drop_path, device="cpu", fast=False, record_operations=False, precision_name="float32"):
+    """One train_step of SMALL_RESMLP in that precision; returns the recorded operation calls (record_operations)
+    or []."""
     model = create_model("resmlp_s12", device=device, dtype=dtype, fast=fast, drop_path=drop_path, **SMALL_RESMLP)
     calls = recorded_operation_calls(model) if record_operations else []
     optimizer = AdamW(model.parameters, model.ops, lr=1e-3, weight_decay=0.05)  # the recorder's adamw_update
     rng = np.random.default_rng(0)
     images = rng.normal(size=(BATCH, 3, SMALL_RESMLP["img_size"], SMALL_RESMLP["img_size"]))
     train_step(model, optimizer, images, rng.integers(0, SMALL_RESMLP["num_classes"], BATCH), lr=1e-3,
-               precision=policy("float32"), smoothing=0.1)
+               precision=policy(precision_name), smoothing=0.1)
     return calls
 
 
@@ -419,6 +422,24 @@ def one_training_step(dtype, drop_path, device="cpu", fast=False, record_operati
 def operation_calls(dtype):
     """Every call of a cuda_kernels operation in training steps on the CPU, drop path off and on."""
     return [call for drop_path in (0.0, 0.1) for call in one_training_step(dtype, drop_path, record_operations=True)]
+
+
+@functools.cache
+def bfloat16_operands(dtype):
+    """Every operand of every matrix product (as the layers hand them to precision.matmul: weight.T views,
+    reshapes) in bfloat16 training steps on the CPU, drop path off and on: what to_bfloat16 rounds on the GPU."""
+    operands = []
+
+    def recording_matmul(a, b):
+        operands.extend((a, b))
+        return precision.matmul(a, b)
+    original, layers.matmul = layers.matmul, recording_matmul
+    try:
+        for drop_path in (0.0, 0.1):
+            one_training_step(dtype, drop_path, precision_name="bfloat16")
+    finally:
+        layers.matmul = original
+    return operands
 
 
 NUMPY_STAND_INS = dict(empty=np.empty, empty_like=np.empty_like, ascontiguousarray=np.ascontiguousarray)
@@ -432,6 +453,8 @@ def launches_of(dtype, recording, monkeypatch):
         monkeypatch.setattr(cupy, name, stand_in)
     for name, args, kwargs in operation_calls(dtype):
         getattr(cuda_kernels, name)(*args, **kwargs)
+    for operand in bfloat16_operands(dtype):
+        cuda_kernels.to_bfloat16(operand)
     return launches
 
 
@@ -487,6 +510,8 @@ def test_a_training_step_launches_every_kernel(recording, monkeypatch):
 BREAKAGES = {  # function: (text of its source, replaced by a mistake, what NVRTC must say)
     "minimlp_affine": ("y = alpha * x + beta", "y = alpha * x + betta", 'identifier "betta" is undefined'),
     "cross_entropy_rows<float>": ("log(block_reduce", "logg(block_reduce", 'identifier "logg" is undefined'),
+    "minimlp_to_bfloat16": ("__float_as_uint(value)", "__float_as_unit(value)",
+                            'identifier "__float_as_unit" is undefined'),
 }
 
 
@@ -522,7 +547,8 @@ def test_generated_sources_are_the_ones_cupy_compiles(dtype, recording, monkeypa
     monkeypatch.setattr(compiler, "_compile_module_with_cache", spy)
     launches = recording(launch_for_real=True)
     for drop_path in (0.0, 0.1):
-        one_training_step(dtype, drop_path, device="gpu", fast=True)
+        for precision_name in ("float32", "bfloat16"):
+            one_training_step(dtype, drop_path, device="gpu", fast=True, precision_name=precision_name)
     cupy.cuda.Device().synchronize()
     ours = [launch for launch in launches if launch.function in defined]
     assert {launch.function for launch in ours} == {name for name in defined if "<" not in name

@@ -7,6 +7,7 @@ arithmetic. Each kernel here does in one pass what the reference does in several
 signatures and results (caches included) of the reference functions they replace; minimlp.ops
 chooses them once, when a model is built on the GPU with fast=True, and tests/test_fast_paths.py
 checks each against the reference on the same inputs. They take CuPy float32/float64 arrays.
+One more, to_bfloat16, serves minimlp.precision's cuBLAS bfloat16 products (--amp-dtype bfloat16) on any path.
 CuPy is imported, and a kernel compiled, only when one is first used (CuPy caches them on disk).
 """
 import functools
@@ -203,3 +204,26 @@ def adamw_update(param, grad, m, v, decay_mask, lr_decay, betas, step_size, sqrt
     float32 arithmetic is off by 1.3e-5 relative)."""
     beta1, beta2 = betas
     _adamw()(grad, decay_mask, lr_decay, beta1, beta2, 1 - beta1, 1 - beta2, step_size, sqrt_bias2, eps, param, m, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# bfloat16 operands for cuBLAS (minimlp.precision, --amp-dtype bfloat16). CuPy has no bfloat16 dtype: a
+# bfloat16 array is a uint16 array of its bits, the upper half of a float32's. One pass reads an operand in
+# any layout (a weight's .T view) and writes the rounded bits C-ordered, as gemmEx takes them; round to
+# nearest even exactly as precision.round_to_bfloat16 (add 0x7FFF and the lowest kept bit, keep the top 16
+# bits), NaN kept a NaN (quiet, same sign).
+# ---------------------------------------------------------------------------------------------
+_to_bfloat16 = _elementwise(
+    "minimlp_to_bfloat16", "T x", "uint16 bits",
+    """const float value = (float)x;
+       const unsigned int word = __float_as_uint(value);
+       bits = isnan(value) ? (unsigned short)((word >> 16) | 0x40u)
+                           : (unsigned short)((word + 0x7FFFu + ((word >> 16) & 1u)) >> 16);""")
+
+
+def to_bfloat16(x):
+    """x (float32 or float64, any strides) -> a C-contiguous uint16 array of x's shape: its nearest bfloat16s."""
+    import cupy
+    bits = cupy.empty(x.shape, dtype=np.uint16)
+    _to_bfloat16()(x, bits)
+    return bits
