@@ -3,6 +3,7 @@
     python train.py                                   # the built-in demo: resmlp_tiny on shapes10, CPU
     python train.py --device gpu --data imagenet/     # ResMLP-S12 on ImageNet (DATA/train, DATA/val)
     python train.py --device gpu --amp --data imagenet/   # the same with float16 matmuls (mixed precision)
+    python train.py --amp --amp-dtype bfloat16        # the demo with bfloat16 matmuls (the CPU's default --amp-dtype)
     python train.py --resume runs/X/checkpoint.npz    # continue a run exactly where it stopped
     python train.py --eval-only --resume W --data D   # top-1/top-5 of a checkpoint or published weights
     python train.py --device gpu --data imagenet/ --recipe resmlp-s12   # the paper's recipe, every value
@@ -27,10 +28,9 @@ from minimlp.parallel.distributed import MPIUnavailable, connect, rank_from_envi
 from minimlp.training.distillation import KINDS as DISTILLATION_TYPES, Distillation
 from minimlp.training.ema import ModelEma
 from minimlp.data.loader import Loader
-from minimlp.loss_scaling import LossScaler, NoLossScaling
 from minimlp.data.mixup import MODES as MIXUP_MODES, Mixup
 from minimlp.model import PRESETS, preset_name
-from minimlp.precision import AMP_DTYPE
+from minimlp.precision import DEFAULT_AMP_DTYPE, HALF_DTYPES, policy
 from minimlp.data.randaugment import RandAugment
 from minimlp.training.run_folder import RunFolder, RunFolderError, new_run_folder, trim_log, write_atomically
 from minimlp.data.random_erasing import MODES as ERASING_MODES, RandomErasing
@@ -136,8 +136,11 @@ def parse_args(argv=None):
       help="the fast path: fused CUDA kernels on the GPU, fused multi-threaded Numba loops on the CPU (where Numba "
            "is installed); same results as the reference layers (tested). --no-fast runs the reference only")
     a("--amp", action=argparse.BooleanOptionalAction,
-      help=f"mixed precision: {AMP_DTYPE.name} matrix-product inputs with float32 accumulation, float32 weights "
-           "and optimizer state, dynamic loss scaling (default off; works on the CPU too, emulated)")
+      help="mixed precision: 16-bit matrix-product inputs (--amp-dtype) with float32 accumulation, float32 weights "
+           "and optimizer state (default off)")
+    a("--amp-dtype", choices=HALF_DTYPES,
+      help="--amp's 16-bit type: float16 (dynamic loss scaling; emulated on the CPU) or bfloat16 (float32's range: "
+           "no loss scaling). Default: float16 on the GPU, bfloat16 on the CPU; a resume keeps the checkpoint's")
     a("--output", type=Path, help="run folder for log.jsonl, checkpoint.npz, best.npz (default: a new "
                                   "runs/<model>-<date>-<time>[-N], or the resumed checkpoint's folder). A folder that "
                                   "holds another run's results is refused (continue that run with --resume, or give "
@@ -204,9 +207,15 @@ def run(args, world):
     device = backend.resolve_device(args.device)
     print(f"device: {device}" + (" (auto: no CUDA GPU with CuPy found)" if args.device == "auto" and device == "cpu"
                                  else f" (TF32 matmuls {'on' if args.tf32 else 'off'})" if device == "gpu" else ""))
-    if args.amp:
-        print(f"mixed precision: {AMP_DTYPE.name} matmul inputs, float32 accumulation, weights and optimizer state; "
-              "dynamic loss scaling" + (" (emulated on the CPU: slower, not faster)" if device == "cpu" else ""))
+    if args.amp_dtype is None:  # not given, nor kept from a checkpoint: the device's fast one
+        args.amp_dtype = DEFAULT_AMP_DTYPE[device]
+    precision = policy(args.amp_dtype if args.amp else "float32")
+    if precision.name == "float16":
+        print("mixed precision: float16 matmul inputs, float32 accumulation, weights and optimizer state; dynamic "
+              "loss scaling" + (" (emulated on the CPU: slower, not faster)" if device == "cpu" else ""))
+    elif precision.name == "bfloat16":
+        print("mixed precision: bfloat16 matmul inputs, float32 accumulation, weights and optimizer state; no loss "
+              "scaling (bfloat16 has float32's range)")
     data = args.data
     if data is None:
         if world.is_writer:  # one rank generates it; the others wait (one machine) or make their own
@@ -238,7 +247,7 @@ def run(args, world):
     if args.eval_only:
         restore_for_evaluation(args.resume, checkpoint, model, use_ema=evaluate_ema)
         with val_loader:
-            metrics = evaluate(model, val_loader, amp=args.amp, world=world)
+            metrics = evaluate(model, val_loader, matmul_dtype=precision.matmul_dtype, world=world)
         print(f"{args.resume}{' (EMA)' if evaluate_ema else ''}: top-1 {metrics['val_top1']:.2f}%  "
               f"top-5 {metrics['val_top5']:.2f}%  "
               f"val loss {metrics['val_loss']:.4f}  ({len(val_set)} images)")
@@ -252,7 +261,6 @@ def run(args, world):
                           hflip=args.hflip, auto_augment=auto_augment, sampler=sampler, rank=world.rank,
                           num_replicas=world.size)
     optimizer = make_optimizer(args.opt, model.parameters, operations, args.lr, args.weight_decay)
-    scaler = LossScaler() if args.amp else NoLossScaling()
     ema = ModelEma(model.parameters.data, args.model_ema_decay) if args.model_ema else None
     erasing = RandomErasing.from_flags(args.reprob, args.remode, args.recount) if args.reprob > 0 else None
     mixup = None
@@ -274,7 +282,7 @@ def run(args, world):
         check_not_rewinding(args.resume, meta, output)
     position = None
     if checkpoint:
-        position = restore_run(args.resume, checkpoint, model, optimizer, scaler, args.weight_decay, ema)
+        position = restore_run(args.resume, checkpoint, model, optimizer, precision, args.weight_decay, ema)
         print(f"resumed from {args.resume}: at {where_it_stands(position)}")
     if position is not None and position["epoch"] >= args.epochs:  # before anything is written
         print(f"nothing to do: the checkpoint is at {where_it_stands(position)}, and --epochs is {args.epochs} "
@@ -292,7 +300,7 @@ def run(args, world):
         print(f"output: {output}")
         with train_loader, val_loader:
             trainer = Trainer(model, criterion, optimizer, train_loader, val_loader, train_set.classes,
-                              settings_of(args), output, position, scaler, erasing=erasing, mixup=mixup, ema=ema,
+                              settings_of(args), output, position, precision, erasing=erasing, mixup=mixup, ema=ema,
                               distillation=distillation, world=world)
             record = trainer.fit()
     print(f"done: top-1 {record['val_top1']:.2f}%, top-5 {record['val_top5']:.2f}% after {record['epoch']} "
