@@ -41,6 +41,7 @@ DATASET_DERIVED = ("lr", "warmup_epochs", "aa", "reprob", "mixup", "cutmix", "re
 # What a checkpoint written before these flags existed trained with (its settings lack them).
 BEFORE_AUGMENTATIONS = dict(train_interpolation="bilinear", hflip=0.5, aa="none", reprob=0.0, mixup=0.0, cutmix=0.0,
                             repeated_aug=False, model_ema=False, distillation_type="none")
+BEFORE_AMP_DTYPE = "float16"  # the only --amp there was before --amp-dtype
 
 # The paper's recipe (docs/reference.md, Training recipe: section 3.1 and Table 3 of the paper, the authors'
 # list in deit issue #106, DeiT's main.py for what the list leaves to DeiT). lr 5e-3 is for the global batch
@@ -61,7 +62,7 @@ RECIPES = {"resmlp-s12": dict(PAPER_RECIPE, model="resmlp_s12", drop_path=0.05),
 # What a resumed run takes from its checkpoint unless the flag is given again (not: device, tf32, workers, output)
 RESUMED_SETTINGS = ["data", "model", "img_size", "patch_size", "crop_pct", "scale", "batch_size", "epochs", "opt", "lr",
                     "weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "smoothing", "clip_grad", "drop_path",
-                    "seed", "amp", "recipe", "aa", "train_interpolation", "hflip", "reprob", "remode", "recount",
+                    "seed", "amp", "amp_dtype", "recipe", "aa", "train_interpolation", "hflip", "reprob", "remode", "recount",
                     "mixup", "cutmix", "cutmix_minmax", "mixup_prob", "mixup_switch_prob", "mixup_mode",
                     "repeated_aug", "model_ema", "model_ema_decay", "distillation_type", "distillation_alpha",
                     "distillation_tau", "teacher_model", "teacher_path", "save_every"]
@@ -92,6 +93,8 @@ def complete_settings(args, meta):
         for key, value in BEFORE_AUGMENTATIONS.items():
             if getattr(args, key) is None and key not in meta["settings"]:
                 setattr(args, key, value)
+        if args.amp_dtype is None and "amp_dtype" not in meta["settings"]:
+            args.amp_dtype = BEFORE_AMP_DTYPE
     if args.data is not None:  # absolute, so that a resume from another directory finds it
         args.data = Path(os.path.abspath(Path(args.data).expanduser()))
     notes = []
