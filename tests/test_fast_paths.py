@@ -65,6 +65,9 @@ CASES = {
     "residual_backward_channel_bias": ("residual_backward", lambda rng: [
         rng.normal(size=(PATCHES, IMAGES, DIM)), ((rng.normal(size=(PATCHES, IMAGES, DIM)), rng.normal(size=DIM)),
                                                   None, (DIM,))]),
+    "mean_pool_forward": ("mean_pool_forward", lambda rng: [rng.normal(size=(PATCHES, IMAGES, DIM))]),
+    "patch_embed_forward": ("patch_embed_forward", lambda rng: [  # 2 colors, 8 px, 4 px patches: 4 patches
+        rng.normal(size=(IMAGES, 2, 8, 8)), rng.normal(size=(DIM, 2, 4, 4)), rng.normal(size=DIM)]),
     "softmax_cross_entropy": ("softmax_cross_entropy", lambda rng: [
         8 * rng.normal(size=(IMAGES, CLASSES)), rng.dirichlet(np.ones(CLASSES), IMAGES)]),
     "softmax_cross_entropy_many_classes": ("softmax_cross_entropy", lambda rng: [  # more classes than threads per row

@@ -16,6 +16,18 @@ reorder the sums, so results differ from the reference by float32 rounding only 
 The process settings this fast path relies on (threads that sleep when they wait, freed memory kept in
 the heap) are in minimlp/fast/cpu_settings.py; `prepare` applies the allocator one when minimlp.ops chooses
 this fast path.
+
+bfloat16 products (inside autocast("bfloat16"), where minimlp.precision.cpu_bfloat16_products() says the
+CPU multiplies bfloat16 in hardware through minimlp/fast/bf16_gemm.py): each loop whose output is only
+a matrix product's operand writes it in bfloat16, rounded to nearest even in the same pass (`_bfloat16_bits`),
+so no product pays a rounding pass of its own: Affine's output (token mixing's and fc1's input; the last
+Affine's feeds the mean pool, which reads bfloat16 and sums in float32), GELU's output (fc2's input), the
+gradients that reach fc2 and token mixing (residual_backward) and fc1 (bias_gelu_backward), and the image
+patches (patch_embed_forward cuts and rounds them in one pass). Everything else stays float32: what
+backward keeps (GELU's input and Phi), the residual stream, the sums (biases, alpha, gamma) of gradients
+taken before they are rounded. The float32 loops are untouched; each function asks once per call which
+kind to run. bfloat16 arrays are ml_dtypes.bfloat16 views of the uint16 bits the loops write (Numba
+cannot type that dtype).
 """
 import functools
 import math
@@ -23,11 +35,14 @@ import math
 import numba
 import numpy as np
 
+from .. import layers
 from ..backend import ERF_DENOMINATOR, ERF_NUMERATOR
+from ..precision import cpu_bfloat16_products
 from . import cpu_settings
+from .bf16_gemm import BFLOAT16
 
 OPERATIONS = ("affine_forward", "affine_backward", "bias_gelu_forward", "bias_gelu_backward", "residual_forward",
-              "residual_backward", "adamw_update")
+              "residual_backward", "adamw_update", "mean_pool_forward", "patch_embed_forward")
 DTYPES = (np.dtype(np.float32),)
 
 # float32 constants: a float64 constant would promote the float32 arithmetic around it
@@ -53,8 +68,10 @@ def prepare():
 
 # --------------------------------------------------------------------------------------------- Affine
 def affine_forward(x, alpha, beta):
-    # y = alpha * x + beta, one pass
+    # y = alpha * x + beta, one pass (y in bfloat16 under bfloat16 products: a product's operand)
     rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    if cpu_bfloat16_products():
+        return _affine_bfloat16(rows, alpha, beta).view(BFLOAT16).reshape(x.shape), (x, alpha)
     return _affine(rows, alpha, beta).reshape(x.shape), (x, alpha)
 
 
@@ -64,6 +81,15 @@ def _affine(x, alpha, beta):
     for i in numba.prange(x.shape[0]):
         for j in range(x.shape[1]):
             y[i, j] = alpha[j] * x[i, j] + beta[j]
+    return y
+
+
+@jit
+def _affine_bfloat16(x, alpha, beta):
+    y = np.empty(x.shape, np.uint16)
+    for i in numba.prange(x.shape[0]):
+        for j in range(x.shape[1]):
+            y[i, j] = _bfloat16_bits(alpha[j] * x[i, j] + beta[j])
     return y
 
 
@@ -126,7 +152,10 @@ def _exp_negative(t):
 
 
 def bias_gelu_forward(x, bias):
-    # x += b (cached: GELU's input); cdf = Phi(x); y = x * cdf, one pass
+    # x += b (cached: GELU's input); cdf = Phi(x); y = x * cdf, one pass (y in bfloat16 under bfloat16 products)
+    if cpu_bfloat16_products():
+        activated, cdf = _bias_gelu_bfloat16(x, bias)
+        return activated.view(BFLOAT16), (x, cdf)
     activated, cdf = _bias_gelu(x, bias)
     return activated, (x, cdf)
 
@@ -144,9 +173,26 @@ def _bias_gelu(x, bias):
     return activated, cdf
 
 
+@jit
+def _bias_gelu_bfloat16(x, bias):
+    activated, cdf = np.empty(x.shape, np.uint16), np.empty_like(x)
+    for i in numba.prange(x.shape[0]):
+        for j in range(x.shape[1]):
+            value = x[i, j] + bias[j]
+            x[i, j] = value
+            phi = HALF * (ONE + _erf(value * SQRT_HALF))
+            cdf[i, j] = phi
+            activated[i, j] = _bfloat16_bits(value * phi)
+    return activated, cdf
+
+
 def bias_gelu_backward(dy, cache):
-    # dx = dy * (Phi(x) + x * phi(x)); db = sum over rows of dx, in the same pass
+    # dx = dy * (Phi(x) + x * phi(x)); db = sum over rows of dx, in the same pass (dx in bfloat16 under bfloat16
+    # products: fc1's incoming gradient; db sums it before rounding)
     x, cdf = cache
+    if cpu_bfloat16_products():
+        dx, dbias = _bias_gelu_backward_bfloat16(dy, x, cdf)
+        return dx.view(BFLOAT16), dbias
     return _bias_gelu_backward(dy, x, cdf)
 
 
@@ -162,6 +208,22 @@ def _bias_gelu_backward(dy, x, cdf):
                 value = x[i, j]
                 gradient = dy[i, j] * (cdf[i, j] + value * _exp_negative(-HALF * value * value) * INV_SQRT_2PI)
                 dx[i, j] = gradient
+                dbias_parts[piece, j] += gradient
+    return dx, dbias_parts.sum(axis=0)
+
+
+@jit
+def _bias_gelu_backward_bfloat16(dy, x, cdf):
+    rows, dim = dy.shape
+    pieces = (rows + ROWS_PER_PARTIAL_SUM - 1) // ROWS_PER_PARTIAL_SUM
+    dx = np.empty(dy.shape, np.uint16)
+    dbias_parts = np.zeros((pieces, dim), dy.dtype)
+    for piece in numba.prange(pieces):
+        for i in range(piece * ROWS_PER_PARTIAL_SUM, min(rows, (piece + 1) * ROWS_PER_PARTIAL_SUM)):
+            for j in range(dim):
+                value = x[i, j]
+                gradient = dy[i, j] * (cdf[i, j] + value * _exp_negative(-HALF * value * value) * INV_SQRT_2PI)
+                dx[i, j] = _bfloat16_bits(gradient)
                 dbias_parts[piece, j] += gradient
     return dx, dbias_parts.sum(axis=0)
 
@@ -191,11 +253,14 @@ def _residual(x, branch, patch_bias, channel_bias, gamma, scale):
 def residual_backward(dy, cache):
     # dbranch = mask * gamma * dy;  db = dbranch summed to b's shape;  dgamma = sum over (N, B) of
     # mask * dy * branch: one pass
+    # (dbranch in bfloat16 under bfloat16 products: the incoming gradient of fc2 or token mixing; the sums are
+    # taken before rounding)
     (branch, gamma), mask, bias_shape = cache
-    dbranch, sums_per_patch, sums_per_patch_channel, dgamma = _residual_backward(
+    kernel = _residual_backward_bfloat16 if cpu_bfloat16_products() else _residual_backward
+    dbranch, sums_per_patch, sums_per_patch_channel, dgamma = kernel(
         np.ascontiguousarray(dy), branch, gamma, _scale_of(mask, dy))
     dbias = sums_per_patch.reshape(bias_shape) if len(bias_shape) == 3 else sums_per_patch_channel.sum(axis=0)
-    return dbranch, dbias, dgamma
+    return (dbranch.view(BFLOAT16) if dbranch.dtype == np.uint16 else dbranch), dbias, dgamma
 
 
 @jit
@@ -214,9 +279,101 @@ def _residual_backward(dy, branch, gamma, scale):
     return dbranch, dbranch_sums.sum(axis=1), dbranch_sums, dgamma_parts.sum(axis=0)
 
 
+@jit
+def _residual_backward_bfloat16(dy, branch, gamma, scale):
+    patches, images, dim = dy.shape
+    dbranch = np.empty(dy.shape, np.uint16)
+    dgamma_parts, dbranch_sums = np.zeros((patches, dim), dy.dtype), np.zeros((patches, dim), dy.dtype)
+    for n in numba.prange(patches):
+        for b in range(images):
+            for c in range(dim):
+                scaled = scale[b] * dy[n, b, c]
+                gradient = scaled * gamma[c]
+                dbranch[n, b, c] = _bfloat16_bits(gradient)
+                dbranch_sums[n, c] += gradient
+                dgamma_parts[n, c] += scaled * branch[n, b, c]
+    return dbranch, dbranch_sums.sum(axis=1), dbranch_sums, dgamma_parts.sum(axis=0)
+
+
 def _scale_of(mask, like):
     """Drop path's per-image factor (B,); ones when drop path is off."""
     return np.ones(like.shape[1], like.dtype) if mask is None else mask
+
+
+# --------------------------------------------------------------------------------------------- bfloat16 operands
+@jit_inline
+def _bfloat16_bits(value):
+    # float32 -> the bits of the nearest bfloat16, ties to even. A bfloat16 is the upper half of a float32: add
+    # just under half of the 16 bits cut off (0x7FFF), plus 1 when the kept half is odd (so a tie goes to the
+    # even neighbour), and keep the upper half. A carry runs into the exponent as it should (the largest
+    # float32s round to inf; inf stays inf; subnormals round like any other number). A NaN keeps its sign
+    # and its upper payload and is made quiet (the addition could carry a payload into inf).
+    bits = np.float32(value).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    quiet_nan = (bits >> np.uint32(16)) | np.uint32(0x0040)
+    return np.uint16(quiet_nan if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded)
+
+
+def to_bfloat16(x):
+    """float32 array -> the nearest bfloat16 array (ml_dtypes.bfloat16), one parallel pass, any shape."""
+    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    return _round_bfloat16(flat).view(BFLOAT16).reshape(np.shape(x))
+
+
+@jit
+def _round_bfloat16(x):
+    bits = np.empty(x.shape, np.uint16)
+    for i in numba.prange(x.shape[0]):
+        bits[i] = _bfloat16_bits(x[i])
+    return bits
+
+
+def mean_pool_forward(tokens):
+    # y[b, c] = mean over n of x[n, b, c]: bfloat16 tokens (the last Affine's output under bfloat16 products)
+    # are summed in float32; float32 tokens take the reference
+    if tokens.dtype == BFLOAT16:
+        return _mean_over_patches(np.ascontiguousarray(tokens).view(np.uint16)), tokens.shape
+    return layers.mean_pool_forward(tokens)
+
+
+@jit
+def _mean_over_patches(bits):
+    patches, images, dim = bits.shape
+    pooled = np.zeros((images, dim), np.float32)
+    for b in numba.prange(images):
+        for n in range(patches):
+            for c in range(dim):
+                pooled[b, c] += np.uint32(np.uint32(bits[n, b, c]) << np.uint32(16)).view(np.float32)
+    return pooled * F(1.0 / patches) if patches else pooled
+
+
+def patch_embed_forward(images, weight, bias):
+    # under bfloat16 products: the patches cut from the images and rounded to bfloat16 in one pass (the
+    # reference copies them out in float32: images_to_patches), then the same Linear; else the reference
+    if not cpu_bfloat16_products():
+        return layers.patch_embed_forward(images, weight, bias)
+    dim, patch_size = weight.shape[0], weight.shape[-1]
+    patches = _patches_bfloat16(np.ascontiguousarray(images, dtype=np.float32), patch_size).view(BFLOAT16)
+    tokens, linear_cache = layers.linear_forward(patches.reshape(-1, patches.shape[-1]), weight.reshape(dim, -1), bias)
+    return tokens.reshape(patches.shape[0], patches.shape[1], dim), (linear_cache, images.shape, weight.shape)
+
+
+@jit
+def _patches_bfloat16(images, patch_size):
+    # (B, C, H, W) -> (N, B, C*p*p) bfloat16 bits, each patch flattened in (c, row, col) order (images_to_patches)
+    batch, colors, height, width = images.shape
+    columns = width // patch_size
+    grid = (height // patch_size) * columns
+    patches = np.empty((grid, batch, colors * patch_size * patch_size), np.uint16)
+    for n in numba.prange(grid):
+        top, left = (n // columns) * patch_size, (n % columns) * patch_size
+        for b in range(batch):
+            for c in range(colors):
+                for i in range(patch_size):
+                    for j in range(patch_size):
+                        patches[n, b, (c * patch_size + i) * patch_size + j] = _bfloat16_bits(
+                            images[b, c, top + i, left + j])
+    return patches
 
 
 # --------------------------------------------------------------------------------------------- AdamW
