@@ -243,7 +243,7 @@ def run(args, world):
           f"{operations.name} operations; "
           f"data: {len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes")
     val_loader = Loader(val_set, args.batch_size, train=False, img_size=args.img_size, crop_pct=args.crop_pct,
-                        seed=args.seed, workers=args.workers, rank=world.rank, num_replicas=world.size)
+                        seed=args.seed, workers=args.workers, world=world)
     if args.eval_only:
         restore_for_evaluation(args.resume, checkpoint, model, use_ema=evaluate_ema)
         with val_loader:
@@ -258,8 +258,7 @@ def run(args, world):
                if args.repeated_aug else None)
     train_loader = Loader(train_set, args.batch_size, train=True, img_size=args.img_size, scale=tuple(args.scale),
                           seed=args.seed, workers=args.workers, interpolation=args.train_interpolation,
-                          hflip=args.hflip, auto_augment=auto_augment, sampler=sampler, rank=world.rank,
-                          num_replicas=world.size)
+                          hflip=args.hflip, auto_augment=auto_augment, sampler=sampler, world=world)
     optimizer = make_optimizer(args.opt, model.parameters, operations, args.lr, args.weight_decay)
     ema = ModelEma(model.parameters.data, args.model_ema_decay) if args.model_ema else None
     erasing = RandomErasing.from_flags(args.reprob, args.remode, args.recount) if args.reprob > 0 else None

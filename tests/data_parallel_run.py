@@ -48,9 +48,8 @@ def main():
     model.drop_path_shard = (world.rank, world.size)
     sampler = RepeatedAugmentationSampler(len(train_set), seed=3, repeats=3, num_replicas=world.size, rank=world.rank)
     train_loader = Loader(train_set, args.batch_size, train=True, img_size=16, seed=3, workers=0, sampler=sampler,
-                          scale=(0.5, 1.0))
-    val_loader = Loader(val_set, args.batch_size, train=False, img_size=16, workers=0, rank=world.rank,
-                        num_replicas=world.size)
+                          scale=(0.5, 1.0), world=world)
+    val_loader = Loader(val_set, args.batch_size, train=False, img_size=16, workers=0, world=world)
     optimizer = AdamW(model.parameters, model.ops, lr=2e-3, weight_decay=0.05)
     feed = DeviceFeed(model.device, model.dtype)
     step, epoch = 0, 0

@@ -246,6 +246,11 @@ def test_a_batch_made_short_by_an_unreadable_image_weighs_by_its_images(shapes, 
     common = ["--data", data, "--steps", 8, "--dtype", "float64", "--drop-path", 0]
     one = launch(1, script, tmp_path / "one", *common, "--batch-size", 16)
     launch(2, script, tmp_path / "two", *common, "--batch-size", 8)
+    assert f"skipping unreadable image {broken}" in one.stderr
+    weights = [np.load(tmp_path / name / "weights.npz") for name in ("one", "two")]
+    assert max_difference(*weights) < 1e-12
+
+
 @needs_mpi
 def test_repeated_augmentation_on_a_number_of_images_that_two_ranks_do_not_split(shapes, tmp_path):
     """79 training images: one process x 16 takes 79 positions of the repeated order, 4 batches; two ranks x 8
@@ -261,11 +266,6 @@ def test_repeated_augmentation_on_a_number_of_images_that_two_ranks_do_not_split
     launch(2, script, tmp_path / "two", *common, "--batch-size", 8)
     results = [json.loads((tmp_path / name / "result.json").read_text()) for name in ("one", "two")]
     assert [result["batches_per_epoch"] for result in results] == [4, 4]
-    weights = [np.load(tmp_path / name / "weights.npz") for name in ("one", "two")]
-    assert max_difference(*weights) < 1e-12
-
-
-    assert f"skipping unreadable image {broken}" in one.stderr
     weights = [np.load(tmp_path / name / "weights.npz") for name in ("one", "two")]
     assert max_difference(*weights) < 1e-12
 
@@ -287,6 +287,56 @@ def one_process_run(shapes, tmp_path_factory):
 
 def read_log(output):
     return [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+
+
+def with_broken_images(shapes, folder, broken):
+    """A copy of the shapes set in `folder` whose training images broken(samples) picks are not images."""
+    shutil.copytree(shapes, folder)
+    train_set, _ = load_datasets(folder)
+    paths = broken(train_set)
+    for path in paths:
+        Path(path).write_bytes(b"not an image")
+    return folder, paths
+
+
+SHORT = ["--epochs", 1, *FAST, "--drop-path", 0, "--reprob", 0]  # a short batch shifts drop path's and erasing's draws
+
+
+@pytest.fixture(scope="module")
+def short_batch_runs(shapes, tmp_path_factory):
+    """One epoch of train.py with one unreadable training image: one process x 16, two ranks x 8."""
+    folder = tmp_path_factory.mktemp("short")
+    data, _ = with_broken_images(shapes, folder / "data", lambda train_set: [train_set.samples[5][0]])
+    outputs = folder / "one", folder / "two"
+    runs = [train(1, "--data", data, *SHORT, "--batch-size", 16, "--output", outputs[0]),
+            train(2, "--data", data, *SHORT, "--batch-size", 8, "--output", outputs[1])]
+    return data, outputs, runs
+
+
+@needs_mpi
+def test_the_logged_train_loss_counts_the_images_of_short_batches_over_the_ranks(short_batch_runs):
+    """The image count is all-reduced with the loss: 2 ranks log the loss of one process (they logged 2.30783 against
+    2.29332, counting rank 0's images twice)."""
+    data, outputs, runs = short_batch_runs
+    assert "skipping unreadable image" in runs[0].stderr and "skipping unreadable image" in runs[1].stderr
+    one, two = (read_log(output)[0] for output in outputs)
+    assert two["train_loss"] == pytest.approx(one["train_loss"], abs=1e-5)
+
+
+@needs_mpi
+def test_a_class_no_rank_can_read_is_refused_by_every_rank_at_once_with_one_warning_per_file(shapes, tmp_path):
+    """Each rank sees half of a class's files: counted over the ranks, the class is found unreadable in epoch 1, as
+    one process finds it; one error line, exit code 2, no abort, and each file warned once (not once per rank)."""
+    def one_class(train_set):
+        return [path for path, label in train_set.samples if label == 3]
+
+    data, broken = with_broken_images(shapes, tmp_path / "data", one_class)
+    result = train(2, "--data", data, *SHORT, "--no-repeated-aug", "--batch-size", 8, "--output", tmp_path / "run",
+                   check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count(f"error: no image of class {Path(broken[0]).parent.name} in") == 1, result.stderr
+    assert "stopping every rank" not in result.stderr
+    assert [result.stderr.count(f"skipping unreadable image {path} ") for path in broken] == [1] * len(broken)
 
 
 @needs_mpi
@@ -371,15 +421,20 @@ def test_sigterm_stops_every_rank_at_one_step_and_one_process_resumes_the_two_ra
 
 
 @needs_mpi
-    segments = mpich_segments_of(rank_1)
-    assert segments, "MPICH maps a shared-memory segment in every rank of a machine"
 def test_a_killed_rank_stops_the_whole_job_within_seconds(shapes, tmp_path):
     process = start_two_ranks(shapes, tmp_path / "run")
     lines = wait_for_line(process, "data parallel: 2 ranks")
     rank_1 = int(re.search(r"rank 1: \S+ pid (\d+)", lines[-1]).group(1))
     wait_for_line(process, "epoch 1/30  train loss")
+    segments = mpich_segments_of(rank_1)
+    assert segments, "MPICH maps a shared-memory segment in every rank of a machine"
     killed = time.monotonic()
     os.kill(rank_1, signal.SIGKILL)
+    output = process.stdout.read()
+    code = process.wait(timeout=60)
+    assert time.monotonic() - killed < 15, output
+    assert code != 0
+    assert f"PID {rank_1}" in output  # MPICH's Hydra names the rank that died (pid -> rank: the start-up line)
     assert not [path for path in segments if Path(path).exists()]  # nothing left in /dev/shm (2.1 MB each)
 
 
@@ -403,11 +458,6 @@ def test_mpiexec_without_mpi4py_is_one_line_from_rank_0_and_exit_2(tmp_path, ran
     assert result.stderr.splitlines() == ["error: mpiexec started this process, but mpi4py cannot be imported (No "
                                           "module named mpi4py): pip install -r requirements-mpi.txt, or run without "
                                           "mpiexec (one process)"][:lines]
-    output = process.stdout.read()
-    code = process.wait(timeout=60)
-    assert time.monotonic() - killed < 15, output
-    assert code != 0
-    assert f"PID {rank_1}" in output  # MPICH's Hydra names the rank that died (pid -> rank: the start-up line)
 
 
 def gpu_count():

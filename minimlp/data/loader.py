@@ -28,7 +28,10 @@ Unreadable files (corrupt, truncated, not an image, deleted since the scan): the
 its path is printed once as a warning line on stderr and appended to `loader.skipped`, and its batch
 comes out one image shorter (so batch sizes can vary). If every file of a batch fails, DataError
 names them: that is a broken dataset (or a wrong path), not a bad file; so it is when every file of
-one class has failed (the class would never be seen). An image larger than Pillow's decompression-bomb
+one class has failed (the class would never be seen). Data parallel, the ranks agree on the files
+(world.collect, after each training batch, at the end of an evaluation, whose ranks may hold one batch
+more or less): each file is warned once, by rank 0, and a class is counted over the files every rank
+found, so K ranks refuse where one process does (each rank sees only its share of a class). An image larger than Pillow's decompression-bomb
 limit (89M pixels) is decoded with a warning naming it; one over twice the limit is skipped as unreadable.
 """
 import collections
@@ -39,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from .datasets import DataError
+from ..parallel.distributed import SingleProcess
 from ..training.progress import write
 from .sampler import ShuffleSampler
 from .transforms import eval_transform, train_transform
@@ -56,26 +60,29 @@ class Loader:
     (minimlp.data.transforms.train_transform). sampler (train): the order of each epoch, anything with
     epoch_order(epoch), global_positions() and len (default: the plain shuffle, ShuffleSampler). workers:
     processes (0 = in this process). prefetch: batches in flight (default 2 per worker).
-    rank, num_replicas: data parallel (minimlp.parallel.distributed): the default shuffle takes rank's positions r, r + K,
+    world: data parallel (minimlp.parallel.distributed), rank r of K: the default shuffle takes positions r, r + K,
     ... of the one-process order, n // K of them (so an epoch has the batches of one process with K x batch_size);
-    evaluation takes the images r, r + K, ...: the K ranks together see every validation image exactly once.
+    evaluation takes the images r, r + K, ...: the K ranks together see every validation image exactly once;
+    unreadable files are agreed over the ranks (report).
     """
 
     def __init__(self, dataset, batch_size, train, img_size, crop_pct=0.875, seed=0,
                  workers=None, prefetch=None, scale=(0.08, 1.0), interpolation="bilinear", hflip=0.5,
-                 auto_augment=None, sampler=None, rank=0, num_replicas=1):
+                 auto_augment=None, sampler=None, world=SingleProcess()):
         self.samples = list(dataset.samples)
         self.where = getattr(dataset, "root", "the dataset")
         if batch_size < 1:
             raise DataError(f"--batch-size must be at least 1, got {batch_size}")
         self.sampler = None
         if train:
-            self.sampler = sampler or ShuffleSampler(len(self.samples), seed, num_replicas=num_replicas, rank=rank)
-        self.eval_order = np.arange(len(self.samples))[rank::num_replicas]
+            self.sampler = sampler or ShuffleSampler(len(self.samples), seed, num_replicas=world.size, rank=world.rank)
+        self.eval_order = np.arange(len(self.samples))[world.rank::world.size]
         if train and batch_size > len(self.sampler):
-            raise DataError(f"--batch-size {batch_size} is larger than the training set "
-                            f"({len(self.sampler)} images per epoch of {len(self.samples)} in {self.where}); "
-                            "lower --batch-size.")
+            share = ("images per epoch" if world.size == 1 else
+                     f"images per epoch on each of {world.size} ranks (--batch-size is per rank)")
+            raise DataError(f"--batch-size {batch_size} is larger than the training set ({len(self.sampler)} {share}, "
+                            f"of {len(self.samples)} in {self.where}): give --batch-size {len(self.sampler)} or less.")
+        self.world = world
         self.batch_size = batch_size
         self.train = train
         self.settings = TransformSettings(train, img_size, crop_pct, scale, seed, interpolation, hflip, auto_augment)
@@ -119,9 +126,16 @@ class Loader:
             raise ValueError(f"start_batch {start_batch} is outside 0..{len(self)} (batches per epoch)")
         tasks = self.batch_tasks(epoch, start_batch)
         results = map(load_batch, tasks) if self.workers == 0 else self.parallel_results(tasks)
+        held = []  # evaluation's unreadable files, agreed at its end
         for images, labels, failures, notes in results:
-            self.report(failures, notes)
+            self.note(notes)
+            if self.train:  # every rank has as many training batches: agreed after each
+                self.report(failures)
+            else:
+                held.extend(failures)
             yield images, labels
+        if not self.train:
+            self.report(held)
 
     def parallel_results(self, tasks):
         """load_batch(task) for each task, in order, computed by the pool with `prefetch` in flight."""
@@ -144,23 +158,35 @@ class Loader:
             self.pool = WorkerPool(load_batch, self.workers, name="loader worker")
         return self.pool
 
-    def report(self, failures, notes=()):
-        """Warn once per unreadable file and remember it in self.skipped; DataError when no file of a class
-        can be read. notes: (path, warning) pairs, each said once."""
+    def note(self, notes):
+        """notes: (path, warning) pairs, each said once."""
         for path, note in notes:
             if (path, note) not in self.warned:
                 self.warned.add((path, note))
                 write(f"warning: {path}: {note}")
-        for path, label, reason in failures:
-            if path not in self.skipped:
-                self.skipped.append(path)
+
+    def report(self, failures):
+        """failures [(path, label, reason)]: this rank's, and with them every rank's (world.collect: the same list
+        on every rank). Warn once per new unreadable file (rank 0) and remember it in self.skipped; DataError,
+        on every rank at once (world.together: no abort), when no file of a class can be read."""
+        found = {}
+        for path, label, reason in self.world.collect(failures):
+            if path not in self.skipped and path not in found:  # with --repeated-aug, two ranks can meet a file
+                found[path] = label, reason
+        if found:
+            self.world.together(lambda: self.count_unreadable(found))
+
+    def count_unreadable(self, found):
+        for path, (label, reason) in found.items():
+            self.skipped.append(path)
+            if self.world.is_writer:
                 write(f"warning: skipping unreadable image {path} ({reason})")  # a line of its own, never on a bar
-                self.unreadable[label] += 1
-                if self.unreadable[label] == self.class_sizes[label]:
-                    name = self.classes[label] if label < len(self.classes) else f"with label {label}"
-                    raise DataError(f"no image of class {name} in {self.where} can be read ({self.unreadable[label]}"
-                                    f" files, e.g. {path}: {reason}): the class would never be seen. Replace the "
-                                    "files, or remove the class folder.")
+            self.unreadable[label] += 1
+            if self.unreadable[label] == self.class_sizes[label]:
+                name = self.classes[label] if label < len(self.classes) else f"with label {label}"
+                raise DataError(f"no image of class {name} in {self.where} can be read ({self.unreadable[label]}"
+                                f" files, e.g. {path}: {reason}): the class would never be seen. Replace the "
+                                "files, or remove the class folder.")
 
     def close(self):
         """Stop the worker processes (a later epoch starts new ones)."""

@@ -19,10 +19,10 @@ model.backward), and uses MPIWorld's
 Both have
     max(value)                 one decision for every rank (stop now)
     sum(values)                elementwise sum over the ranks (evaluation counts, training losses)
+    collect(items)             every rank's items as one list (the loaders' unreadable files)
     barrier(), from_writer(f)  wait for every rank; f() on rank 0, its result on every rank
     check_same(settings)       refuse to start when ranks run other flags or other code
 Rank 0 is the writer (logs, checkpoints, progress); the other ranks print nothing but warnings and
-    collect(items)             every rank's items as one list (the loaders' unreadable files)
 their error (see quiet_other_ranks).
 
 Faults. A rank that fails with an error prints one line, "rank r/K: error: ...", and aborts the job
@@ -76,9 +76,6 @@ def connect(environ=None):
     return MPIWorld() if launched_by_mpi(environ) else SingleProcess()
 
 
-class SingleProcess:
-    """One process, no MPI: every method is the one-rank answer."""
-
 class MPIUnavailable(Exception):
     """Started by mpiexec, without an importable mpi4py; the message says what to install."""
 
@@ -117,6 +114,9 @@ def unlink_shared_memory(local):
                 pass
 
 
+class SingleProcess:
+    """One process, no MPI: every method is the one-rank answer."""
+
     rank, size, local_rank = 0, 1, 0
     is_writer = True
 
@@ -126,11 +126,11 @@ def unlink_shared_memory(local):
     def max(self, value):
         return value
 
-    def collect(self, items):
-        return list(items)
-
     def sum(self, values):
         return np.asarray(values)
+
+    def collect(self, items):
+        return list(items)
 
     def barrier(self):
         pass
@@ -216,6 +216,9 @@ class MPIWorld:
         """The largest of the ranks' integers (a stop signal's number, 0 for none; a bool)."""
         return int(self._allreduce(np.array([int(value)]), self.MPI.MAX, "agreeing on stopping")[0])
 
+    def sum(self, values):
+        return self._allreduce(np.asarray(values, dtype=np.float64), self.MPI.SUM, "adding up over the ranks")
+
     def collect(self, items):
         """Every rank's items (picklable), in rank order, as one list on every rank. Their number is agreed
         first (an all-reduce of one number, with the watchdog): the usual case, nothing to send, ends there."""
@@ -223,9 +226,6 @@ class MPIWorld:
         if not self.sum([len(items)])[0]:
             return []
         return [item for theirs in self.comm.allgather(items) for item in theirs]
-
-    def sum(self, values):
-        return self._allreduce(np.asarray(values, dtype=np.float64), self.MPI.SUM, "adding up over the ranks")
 
     def barrier(self):
         wait(self.comm.Ibarrier().Test, "a barrier", self.timeout, self.abort)

@@ -139,7 +139,6 @@ class Trainer:
                 bar.close()
                 raise
             pending.append((self.learn_from_batch(x, y), len(y)))
-            p["images"] += len(y) * self.world.size  # the global batch's
             p["batch"] += 1
             p["global_step"] += 1
             p["seconds"] = seconds_before + time.perf_counter() - started
@@ -171,14 +170,18 @@ class Trainer:
             return
         p = self.position
         values = backend.to_numpy(self.xp.stack([loss for loss, _ in pending]))
-        # loss x images of each step, added up over the ranks (data parallel): the global batch's sums
-        sums = self.world.sum(values * np.array([images for _, images in pending]))
+        images = np.array([count for _, count in pending], dtype=np.float64)
+        # loss x images of each step, and its images, added up over the ranks (data parallel): the global batch's
+        # sums and sizes (a rank's batch is short by the unreadable files its loader skipped; one all-reduce)
+        totals = self.world.sum(np.concatenate([values * images, images]))
+        sums, counts = totals[:len(pending)], totals[len(pending):]
         first_step = p["global_step"] - len(pending)
         for index, value in enumerate(sums.tolist()):
             if not np.isfinite(value):
                 raise FloatingPointError(f"the training loss became {value} at step {first_step + index}: "
                                          "lower --lr, or set --clip-grad")
             p["loss_sum"] += value
+        p["images"] += int(counts.sum())
         pending.clear()
 
     def image_generators(self, stream, count):
