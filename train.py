@@ -30,7 +30,7 @@ from minimlp.training.ema import ModelEma
 from minimlp.data.loader import Loader
 from minimlp.data.mixup import MODES as MIXUP_MODES, Mixup
 from minimlp.model import PRESETS, preset_name
-from minimlp.precision import DEFAULT_AMP_DTYPE, HALF_DTYPES, policy
+from minimlp.precision import DEFAULT_AMP_DTYPE, HALF_DTYPES, run_precision
 from minimlp.data.randaugment import RandAugment
 from minimlp.training.run_folder import RunFolder, RunFolderError, new_run_folder, trim_log, write_atomically
 from minimlp.data.random_erasing import MODES as ERASING_MODES, RandomErasing
@@ -209,13 +209,9 @@ def run(args, world):
                                  else f" (TF32 matmuls {'on' if args.tf32 else 'off'})" if device == "gpu" else ""))
     if args.amp_dtype is None:  # not given, nor kept from a checkpoint: the device's fast one
         args.amp_dtype = DEFAULT_AMP_DTYPE[device]
-    precision = policy(args.amp_dtype if args.amp else "float32")
-    if precision.name == "float16":
-        print("mixed precision: float16 matmul inputs, float32 accumulation, weights and optimizer state; dynamic "
-              "loss scaling" + (" (emulated on the CPU: slower, not faster)" if device == "cpu" else ""))
-    elif precision.name == "bfloat16":
-        print("mixed precision: bfloat16 matmul inputs, float32 accumulation, weights and optimizer state; no loss "
-              "scaling (bfloat16 has float32's range)")
+    precision, line = run_precision(args.amp_dtype if args.amp else "float32", device)  # bfloat16 CPU: its library
+    if line:
+        print(line)
     data = args.data
     if data is None:
         if world.is_writer:  # one rank generates it; the others wait (one machine) or make their own

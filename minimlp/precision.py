@@ -54,6 +54,26 @@ def policy(name):
     raise ValueError(f"precision {name!r}: choose one of {', '.join(PRECISIONS)}")
 
 
+def run_precision(name, device):
+    """(the Precision a run on `device` trains in, the line that says so or None) for --amp/--amp-dtype's `name`.
+    bfloat16 on the CPU runs on the CPU's bfloat16 instructions through minimlp.fast.bf16_gemm: where the CPU has
+    none, the line says so and the run trains in float32; where the library is missing, ValueError, one line
+    saying what to install."""
+    if name == "bfloat16" and device == "cpu":
+        from .fast import bf16_gemm
+        if bf16_gemm.missing_instruction():
+            return policy("float32"), bf16_gemm.missing_instruction()
+        if bf16_gemm.unavailable_reason():
+            raise ValueError(f"--amp-dtype bfloat16 on the CPU: {bf16_gemm.unavailable_reason()}")
+    mixed = "{} matmul inputs, float32 accumulation, weights and optimizer state; "
+    lines = {"float32": None,
+             "float16": "mixed precision: " + mixed.format("float16") + "dynamic loss scaling"
+                        + (" (emulated on the CPU: slower, not faster)" if device == "cpu" else ""),
+             "bfloat16": "mixed precision: " + mixed.format("bfloat16") + "no loss scaling (float32's range)"
+                         + (" (oneDNN, the CPU's bfloat16 instructions)" if device == "cpu" else "")}
+    return policy(name), lines[name]
+
+
 @contextlib.contextmanager
 def autocast(dtype="float16"):
     """Inside the block, matmul() rounds its operands to `dtype` ("float16" or "bfloat16") and returns

@@ -293,3 +293,30 @@ def test_a_resume_keeps_the_runs_precision(tmp_path):
         else:
             assert settings["amp_dtype"] == "float16" and "loss_scale" in record, run
             assert "mixed precision: float16" in result.stdout
+
+
+def run_in_process(*args):
+    """train.main in this process (so that the bfloat16 library's answers can be replaced)."""
+    import train as train_py
+    return train_py.main([str(arg) for arg in args])
+
+
+def test_cpu_bfloat16_without_its_library_is_one_line_saying_what_to_install(tmp_path, monkeypatch, capsys):
+    from minimlp.fast import bf16_gemm
+    monkeypatch.setattr(bf16_gemm, "missing_instruction", lambda: None)
+    monkeypatch.setattr(bf16_gemm, "unavailable_reason", lambda: f"bfloat16 on the CPU needs oneDNN: {bf16_gemm.INSTALL}")
+    code = run_in_process("--device", "cpu", "--amp", "--amp-dtype", "bfloat16", "--output", tmp_path / "run")
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1 and "--amp-dtype bfloat16" in error
+    assert "pip install onednn-cpu-gomp" in error
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_cpu_bfloat16_without_the_instruction_says_so_and_trains_in_float32(monkeypatch):
+    from minimlp.fast import bf16_gemm
+    from minimlp.precision import run_precision
+    monkeypatch.setattr(bf16_gemm, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(bf16_gemm, "unavailable_reason", lambda: "not asked: the instruction decides first")
+    precision, line = run_precision("bfloat16", "cpu")
+    assert precision == policy("float32") and "no bfloat16 instruction" in line and "float32" in line
+    assert run_precision("bfloat16", "gpu")[0] == policy("bfloat16")  # the GPU's is cuBLAS's
