@@ -1,24 +1,26 @@
-"""Lesson 4: GELU, the non-linearity between fc1 and fc2.
+# %% [markdown]
+# # Lesson 4: GELU, the non-linearity between fc1 and fc2
+#
+# Two Linear layers in a row are still one Linear layer (W2 @ W1 is a matrix). Something non-linear
+# must sit between them. ResMLP uses GELU, the Gaussian Error Linear Unit:
+#
+#     GELU(x) = x * Phi(x),        Phi(x) = P(Z <= x) = (1 + erf(x / sqrt(2))) / 2,   Z ~ Normal(0, 1)
+#
+# Read it as "x, kept with the probability that a standard normal is below x": close to x for large
+# x, close to 0 for very negative x, and smooth in between (unlike ReLU's kink at 0).
+#
+# There are two GELUs in the wild: this exact one (torch.nn.GELU(), which ResMLP uses), and a tanh
+# approximation from the days when erf was slow on GPUs. They differ by up to ~5e-4, enough to fail
+# a comparison against the official model. minimlp implements the exact form.
+#
+# What you will see: the library's forward and backward, the derivative derived by hand, the two
+# forms compared, a picture (lessons/out/04_gelu.png), and a finite-difference check over a grid.
+#
+# Run: python lessons/04_gelu.py
 
-Two Linear layers in a row are still one Linear layer (W2 @ W1 is a matrix). Something non-linear
-must sit between them. ResMLP uses GELU, the Gaussian Error Linear Unit:
-
-    GELU(x) = x * Phi(x),        Phi(x) = P(Z <= x) = (1 + erf(x / sqrt(2))) / 2,   Z ~ Normal(0, 1)
-
-Read it as "x, kept with the probability that a standard normal is below x": close to x for large
-x, close to 0 for very negative x, and smooth in between (unlike ReLU's kink at 0).
-
-There are two GELUs in the wild: this exact one (torch.nn.GELU(), which ResMLP uses), and a tanh
-approximation from the days when erf was slow on GPUs. They differ by up to ~5e-4, enough to fail
-a comparison against the official model. minimlp implements the exact form.
-
-What you will see: the library's forward and backward, the derivative derived by hand, the two
-forms compared, a picture (lessons/out/04_gelu.png), and a finite-difference check over a grid.
-
-Run: python lessons/04_gelu.py
-"""
+# %%
 # _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
-from _lesson import check, heading, save_figure, show_source
+from _lesson import check, heading, show_figure, show_source
 
 import math
 
@@ -27,7 +29,11 @@ import numpy as np
 from minimlp import layers
 from minimlp.backend import erf
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 1. Forward: x * Phi(x), with Phi from erf
+
+# %%
 heading("1. Forward: x * Phi(x), with Phi from erf")
 show_source(layers.gelu_forward)
 # The cache keeps Phi(x) (`cdf`) as well as x: backward needs Phi again, and erf is the costliest
@@ -40,9 +46,14 @@ check(np.allclose(cache[1], 0.5 * (1 + np.array([math.erf(v / math.sqrt(2)) for 
 lowest = np.argmin(gelu)
 print(f"GELU is not monotone: its minimum is {gelu[lowest]:.4f} at x = {x[lowest]:.3f} (ReLU's is 0)")
 
-# ---------------------------------------------------------------------------------------------
-heading("2. The tanh approximation is a different function")
+
+# %% [markdown]
+# ## 2. The tanh approximation is a different function
+#
 # GELU_tanh(x) = x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))   (torch: GELU(approximate="tanh"))
+
+# %%
+heading("2. The tanh approximation is a different function")
 gelu_tanh = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 gap = np.abs(gelu - gelu_tanh)
 print(f"largest |exact - tanh| on [-5, 5]: {gap.max():.2e} at x = {x[np.argmax(gap)]:.2f}")
@@ -51,11 +62,18 @@ print(f"largest |exact - tanh| on [-5, 5]: {gap.max():.2e} at x = {x[np.argmax(g
 check(gap.max() > 1e-4, "the exact and the tanh GELU differ by more than 1e-4 somewhere")
 check(np.abs(gelu - 0.5 * x * (1 + erf(x / math.sqrt(2)))).max() < 1e-15, "minimlp uses the exact erf form")
 
-# ---------------------------------------------------------------------------------------------
-heading("3. The derivative")
+
+# %% [markdown]
+# ## 3. The derivative
+#
 # Product rule on x * Phi(x), with Phi' = phi, the normal density phi(x) = exp(-x^2/2) / sqrt(2 pi):
+#
 #     d GELU / dx = Phi(x) + x * phi(x)
+#
 # GELU is elementwise, so its backward is elementwise too: dx = dy * GELU'(x) (no sums).
+
+# %%
+heading("3. The derivative")
 show_source(layers.gelu_backward)
 slope = layers.gelu_backward(np.ones_like(x), cache)  # dy = 1 gives the derivative itself
 slope_by_hand = cache[1] + x * np.exp(-x ** 2 / 2) / math.sqrt(2 * math.pi)
@@ -68,7 +86,11 @@ h = 1e-6
 numerical = (layers.gelu_forward(x + h)[0] - layers.gelu_forward(x - h)[0]) / (2 * h)
 print(f"largest |backward - finite difference| on [-5, 5]: {np.abs(slope - numerical).max():.1e}")
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 4. A picture
+
+# %%
 heading("4. A picture")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -87,16 +109,22 @@ right.axhline(0, color="grey", lw=0.5)
 right.set_title("its derivative, and the tanh approximation's error (x1000)")
 right.legend()
 figure.tight_layout()
-save_figure(figure, "04_gelu.png")
+show_figure(figure, "04_gelu.png")
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 5. Check: backward agrees with finite differences
+
+# %%
 heading("5. Check: backward agrees with finite differences")
 dy = np.random.default_rng(0).normal(size=x.shape)
 check(np.allclose(layers.gelu_backward(dy, cache), dy * numerical, rtol=1e-6, atol=1e-8),
       "gelu_backward(dy) = dy * GELU'(x) matches finite differences at 2001 points in [-5, 5]")
 
-# ---------------------------------------------------------------------------------------------
-# Exercises (hints after the arrow)
+
+# %% [markdown]
+# ## Exercises (hints after the arrow)
+#
 # 1. Replace GELU by ReLU: write relu_forward (x * (x > 0)) and relu_backward and re-run the finite
 #    difference check at x = 0. -> it fails exactly at the kink: ReLU has no derivative at 0, and a
 #    central difference gives 0.5 there.
@@ -105,4 +133,6 @@ check(np.allclose(layers.gelu_backward(dy, cache), dy * numerical, rtol=1e-6, at
 # 3. Compute tanh form's derivative by hand and plot it beside the exact one. -> the curves are
 #    hard to tell apart; the difference stays below 1e-3 everywhere.
 # 4. For which x is GELU(x) within 1% of x, and within 1% of 0? -> above about 2.3; below about -3.
+
+# %%
 print("\nLesson 4 done: GELU = x Phi(x), derivative Phi + x phi; exact erf form, not tanh.")

@@ -1,29 +1,32 @@
-"""Lesson 5: the cross-patch "transpose-linear", ResMLP's replacement for attention.
+# %% [markdown]
+# # Lesson 5: the cross-patch "transpose-linear", ResMLP's replacement for attention
+#
+# So far every layer worked on each token separately: a patch never learned anything about its
+# neighbours. A vision transformer lets the patches talk with self-attention,
+#
+#     out[n] = sum_m  softmax_m(q_n . k_m / sqrt(d)) * v[m]      (weights computed FROM the input)
+#
+# ResMLP replaces it with the plainest possible mixing of patches: one learned N x N matrix A,
+#
+#     out[n, b, c] = sum_m  A[n, m] * x[m, b, c]  +  bias[n]     (weights are parameters)
+#
+# the same for every image b and every channel c. It is a Linear layer applied along the patch axis
+# instead of the channel axis; timm writes it linear(x.transpose(1, 2)).transpose(1, 2), whence
+# "transpose-linear". The official code calls the layer `attn`, in memory of what it replaces.
+#
+# What you will see:
+#
+# 1. minimlp's token_mixing_forward, checked against the batch-first (B, N, d) transpose-linear;
+# 2. why minimlp's (N, B, d) layout makes it ONE matmul on a free reshape, and (B, N, d) does not;
+# 3. attention's weights change with the image, A's do not (and what that costs and buys);
+# 4. an A that is a convolution: it moves the whole image by a patch (lessons/out/05_shift.png);
+# 5. the backward pass, derived and checked.
+#
+# Run: python lessons/05_cross_patch.py
 
-So far every layer worked on each token separately: a patch never learned anything about its
-neighbours. A vision transformer lets the patches talk with self-attention,
-
-    out[n] = sum_m  softmax_m(q_n . k_m / sqrt(d)) * v[m]      (weights computed FROM the input)
-
-ResMLP replaces it with the plainest possible mixing of patches: one learned N x N matrix A,
-
-    out[n, b, c] = sum_m  A[n, m] * x[m, b, c]  +  bias[n]     (weights are parameters)
-
-the same for every image b and every channel c. It is a Linear layer applied along the patch axis
-instead of the channel axis; timm writes it linear(x.transpose(1, 2)).transpose(1, 2), whence
-"transpose-linear". The official code calls the layer `attn`, in memory of what it replaces.
-
-What you will see:
-  1. minimlp's token_mixing_forward, checked against the batch-first (B, N, d) transpose-linear;
-  2. why minimlp's (N, B, d) layout makes it ONE matmul on a free reshape, and (B, N, d) does not;
-  3. attention's weights change with the image, A's do not (and what that costs and buys);
-  4. an A that is a convolution: it moves the whole image by a patch (lessons/out/05_shift.png);
-  5. the backward pass, derived and checked.
-
-Run: python lessons/05_cross_patch.py
-"""
+# %%
 # _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
-from _lesson import best_of, check, heading, save_figure, show_source
+from _lesson import best_of, check, heading, show_figure, show_source
 
 import numpy as np
 
@@ -32,7 +35,11 @@ from minimlp import layers
 rng = np.random.default_rng(0)
 patches, images, dim = 16, 3, 5  # a 4x4 grid of patches, 3 images, 5 channels
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 1. Forward, and the transpose-linear it equals
+
+# %%
 heading("1. Forward, and the transpose-linear it equals")
 show_source(layers.token_mixing_forward)
 tokens = rng.normal(size=(patches, images, dim))  # (N, B, d)
@@ -48,11 +55,16 @@ check(np.allclose(mixed.transpose(1, 0, 2), transpose_linear, rtol=1e-12, atol=1
 check(np.allclose(mixed[:, 1, 2], A @ tokens[:, 1, 2] + bias, rtol=1e-12, atol=1e-12),
       "for image 1, channel 2: out = A @ (that channel's values over all patches) + bias")
 
-# ---------------------------------------------------------------------------------------------
-heading("2. Why the (N, B, d) layout makes it one matmul")
+
+# %% [markdown]
+# ## 2. Why the (N, B, d) layout makes it one matmul
+#
 # In (N, B, d), memory holds patch 0 (all its images and channels), then patch 1, ... so the array
 # IS an (N, B*d) matrix already: every row is one patch, every column one (image, channel) pair.
 # A @ that matrix mixes the patches of every image and channel in a single BLAS call.
+
+# %%
+heading("2. Why the (N, B, d) layout makes it one matmul")
 as_matrix = tokens.reshape(patches, images * dim)
 check(np.shares_memory(as_matrix, tokens), "(N, B, d) -> (N, B*d) is a free view: no copy")
 # The channel MLP (lesson 3) wants (N*B, d) rows, also a free view of the same array. In a
@@ -72,10 +84,15 @@ with_transposes = best_of(lambda: (big_batch_first.transpose(0, 2, 1) @ big_A.T)
 print(f"N=196, B=16, d=384, float32: one (N,N)@(N,B*d) matmul {1e3 * one_matmul:.1f} ms;  "
       f"batch-first transpose-linear-transpose {1e3 * with_transposes:.1f} ms")
 
-# ---------------------------------------------------------------------------------------------
-heading("3. Attention's weights depend on the image; A's do not")
+
+# %% [markdown]
+# ## 3. Attention's weights depend on the image; A's do not
+#
 # A bare-bones attention (queries = keys = values = the tokens themselves, no projections), to see
 # what the weights look like: one N x N matrix PER IMAGE, recomputed at every forward pass.
+
+# %%
+heading("3. Attention's weights depend on the image; A's do not")
 scores = np.einsum("nbc,mbc->bnm", tokens, tokens) / np.sqrt(dim)  # (B, N, N)
 weights = np.exp(scores - scores.max(axis=2, keepdims=True))
 weights /= weights.sum(axis=2, keepdims=True)
@@ -89,11 +106,16 @@ print(f"token mixing: one A {A.shape} shared by all {images} images and {dim} ch
 check(weights.shape == (images, patches, patches) and A.shape == (patches, patches),
       "attention has B matrices of N x N, token mixing one")
 
-# ---------------------------------------------------------------------------------------------
-heading("4. An A that is a convolution moves the image")
+
+# %% [markdown]
+# ## 4. An A that is a convolution moves the image
+#
 # Take a 32x32 image cut into 8x8 patches of 4x4 pixels (lesson 1), and an A that gives every
 # patch the values of its LEFT neighbour: A[n, m] = 1 if m is the patch left of n. Then mix the
 # raw pixel values (channels = the 48 numbers of each patch): the picture slides right by a patch.
+
+# %%
+heading("4. An A that is a convolution moves the image")
 side, p = 8, 4
 yy, xx = np.mgrid[0:32, 0:32] / 31
 picture = np.stack([yy, xx, 0.5 + 0 * yy])
@@ -123,14 +145,20 @@ for axis in axes:
     axis.set_xticks([])
     axis.set_yticks([])
 figure.tight_layout()
-save_figure(figure, "05_shift.png")
+show_figure(figure, "05_shift.png")
 
-# ---------------------------------------------------------------------------------------------
-heading("5. Backward")
+
+# %% [markdown]
+# ## 5. Backward
+#
 # On the (N, B*d) matrix view X it is a Linear with the roles turned around: Y = A @ X + bias[:, None].
-#   dX = A.T @ dY                       (each x[m] fed every output n, with weight A[n, m])
-#   dA = dY @ X.T                       (sum over all images AND channels: A is shared by all of them)
-#   dbias = dY summed over its B*d columns
+#
+#     dX = A.T @ dY                       (each x[m] fed every output n, with weight A[n, m])
+#     dA = dY @ X.T                       (sum over all images AND channels: A is shared by all of them)
+#     dbias = dY summed over its B*d columns
+
+# %%
+heading("5. Backward")
 show_source(layers.token_mixing_backward)
 dy = rng.normal(size=mixed.shape)
 dx, dA, dbias = layers.token_mixing_backward(dy, cache)
@@ -147,16 +175,20 @@ nudged[3, 7] -= 2 * h
 down = float((layers.token_mixing_forward(tokens, nudged, bias)[0] * dy).sum())
 check(abs((up - down) / (2 * h) - dA[3, 7]) < 1e-6 * max(1.0, abs(dA[3, 7])), "a nudged A[3, 7] agrees with dA[3, 7]")
 
-# ---------------------------------------------------------------------------------------------
-# Exercises (hints after the arrow)
+
+# %% [markdown]
+# ## Exercises (hints after the arrow)
+#
 # 1. Build an A that shifts the image DOWN by one patch and one that blurs (each patch the mean of
 #    itself and its 4 neighbours). -> row n has 1 at n - side; the blur has 1/5 at up to 5 places.
 # 2. Permute the patches of an image (a random permutation P, tokens[P]) before token mixing. Does
 #    the model notice? -> yes, A[n, m] is tied to positions, which is why ResMLP needs no positional
 #    embedding: position is in A. (A channel Linear alone could not tell.)
 # 3. How many parameters does A have for ResMLP-S12 (N = 196), and how many multiply-adds per image
-#    and block? -> 196*196 = 38,416 (+196 bias); 196*196*384 = 14.8 M, 6% of the channel MLP.
+#    and block? -> `196*196` = 38,416 (+196 bias); `196*196*384` = 14.8 M, 6% of the channel MLP.
 # 4. Show that a (B, N, d) implementation can avoid the copy with np.matmul broadcasting
 #    A @ batch_first (A (N,N) against (B,N,d)). What does it become inside? -> B matmuls of (N,N)@(N,d):
 #    smaller, less efficient calls than one (N,N)@(N,B*d).
+
+# %%
 print("\nLesson 5 done: one shared N x N matrix mixes the patches; in (N, B, d) it is one matmul.")

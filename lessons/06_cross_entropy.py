@@ -1,22 +1,24 @@
-"""Lesson 6: the loss. Softmax cross-entropy, label smoothing, and large logits.
+# %% [markdown]
+# # Lesson 6: the loss. Softmax cross-entropy, label smoothing, and large logits
+#
+# The model ends with C numbers per image, the logits z. Softmax turns them into probabilities,
+#
+#     p_c = exp(z_c) / sum_k exp(z_k),
+#
+# and cross-entropy measures how much probability the model gives to the right answer:
+#
+#     L = - sum_c q_c log p_c          q: the target distribution (one-hot for a plain label)
+#
+# averaged over the batch. Its gradient is the most beautiful formula of this course:
+#
+#     dL/dz = p - q                    (divided by B for the batch mean)
+#
+# "what the model said minus what it should have said". This lesson derives it, shows why a direct
+# exp() overflows and how minimlp avoids it, and what label smoothing (ResMLP trains with 0.1) does.
+#
+# Run: python lessons/06_cross_entropy.py
 
-The model ends with C numbers per image, the logits z. Softmax turns them into probabilities,
-
-    p_c = exp(z_c) / sum_k exp(z_k),
-
-and cross-entropy measures how much probability the model gives to the right answer:
-
-    L = - sum_c q_c log p_c          q: the target distribution (one-hot for a plain label)
-
-averaged over the batch. Its gradient is the most beautiful formula of this course:
-
-    dL/dz = p - q                    (divided by B for the batch mean)
-
-"what the model said minus what it should have said". This lesson derives it, shows why a direct
-exp() overflows and how minimlp avoids it, and what label smoothing (ResMLP trains with 0.1) does.
-
-Run: python lessons/06_cross_entropy.py
-"""
+# %%
 # _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
 from _lesson import check, heading, show_source
 
@@ -27,7 +29,11 @@ from minimlp import losses
 rng = np.random.default_rng(0)
 batch, classes = 4, 5
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 1. A naive softmax overflows
+
+# %%
 heading("1. A naive softmax overflows")
 logits = np.array([[1000.0, 0.0, -1000.0]])
 with np.errstate(over="ignore", invalid="ignore"):
@@ -43,12 +49,19 @@ print(f"log_softmax -> {log_probs[0]}   (the -2000 is exact: no probability of e
 check(np.all(np.isfinite(log_probs)) and np.allclose(np.exp(log_probs).sum(), 1), "log_softmax is finite and normalized for logits of +-1000")
 check(np.isclose(log_probs[0, 2], -2000.0), "log p of the smallest class is exactly z_2 - z_0 = -2000")
 
-# ---------------------------------------------------------------------------------------------
-heading("2. The gradient p - q, derived")
+
+# %% [markdown]
+# ## 2. The gradient p - q, derived
+#
 # For one image: L = -sum_c q_c log p_c, log p_c = z_c - log sum_k exp(z_k).
-#   d log p_c / d z_j = [c == j] - p_j
-#   dL/dz_j = -sum_c q_c ([c == j] - p_j) = -q_j + p_j * sum_c q_c = p_j - q_j    (q sums to 1)
+#
+#     d log p_c / d z_j = [c == j] - p_j
+#     dL/dz_j = -sum_c q_c ([c == j] - p_j) = -q_j + p_j * sum_c q_c = p_j - q_j    (q sums to 1)
+#
 # The batch loss is the MEAN over images, so each image's gradient is divided by B.
+
+# %%
+heading("2. The gradient p - q, derived")
 show_source(losses.cross_entropy)
 logits = 3 * rng.normal(size=(batch, classes))
 labels = np.array([0, 3, 1, 3])
@@ -73,7 +86,11 @@ check(np.allclose(dlogits, numerical, rtol=1e-6, atol=1e-9), "dlogits agrees wit
 # is: cross-entropy with softmax never explodes.
 check(np.allclose(dlogits.sum(axis=1), 0), "every row of dlogits sums to 0")
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 3. Large logits: the loss stays finite and the gradient stays bounded
+
+# %%
 heading("3. Large logits: the loss stays finite and the gradient stays bounded")
 huge = np.array([[500.0, -500.0, 0.0], [-800.0, 800.0, 0.0]])
 loss_huge, dlogits_huge = losses.cross_entropy(huge, np.array([0, 0]))
@@ -81,7 +98,11 @@ print(f"logits {huge.tolist()}, labels [0, 0]: loss {float(loss_huge):.1f} (imag
       f"dlogits {np.round(dlogits_huge, 3).tolist()}")
 check(np.isfinite(float(loss_huge)) and np.isclose(float(loss_huge), (0 + 1600) / 2), "loss of confident mistakes is large but exact")
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 4. Label smoothing: q = (1 - s) * onehot + s / C
+
+# %%
 heading("4. Label smoothing: q = (1 - s) * onehot + s / C")
 show_source(losses.smoothed_targets)
 smoothing = 0.1
@@ -108,7 +129,11 @@ soft = np.array([[0.7, 0, 0.3, 0, 0]] * batch)
 loss_soft, dlogits_soft = losses.cross_entropy(logits, soft)
 check(np.allclose(dlogits_soft, (probs - soft) / batch), "soft targets: the gradient is still (p - q) / B")
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 5. Against PyTorch (this section needs torch)
+
+# %%
 heading("5. Against PyTorch (this section needs torch)")
 try:
     import torch
@@ -124,12 +149,16 @@ if torch is not None:
     check(np.isclose(reference.item(), float(ours), rtol=1e-12) and np.allclose(z.grad.numpy(), ours_dlogits, rtol=1e-10),
           "minimlp's smoothed loss and gradient equal torch's cross_entropy(label_smoothing=0.1)")
 
-# ---------------------------------------------------------------------------------------------
-# Exercises (hints after the arrow)
+
+# %% [markdown]
+# ## Exercises (hints after the arrow)
+#
 # 1. Remove the `- logits.max(...)` line from a copy of log_softmax and run section 3. -> exp(800)
 #    overflows to inf: the loss is nan, and a single such batch would ruin a training run.
 # 2. In float32, from how large a logit does the naive exp overflow? -> above ~88.7 (exp(88.7) ~ 3.4e38).
 # 3. Show that adding the same number to every logit of a row changes neither loss nor gradient.
 #    -> softmax(z + c) = softmax(z); this is the freedom that section 1 uses.
 # 4. With s = 0.1 and C = 1000 (ImageNet), what logit gap is optimal? -> log(0.9001 / 0.0001) ~ 9.1.
+
+# %%
 print("\nLesson 6 done: dL/dz = (p - q) / B, computed stably; smoothing keeps logits finite.")

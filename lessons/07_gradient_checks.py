@@ -1,22 +1,24 @@
-"""Lesson 7: how to know a hand-written backward is right.
+# %% [markdown]
+# # Lesson 7: how to know a hand-written backward is right
+#
+# Lessons 2 to 6 derived each backward pass by hand. A derivation can be wrong in ways that still
+# "train a bit": a missing transpose, a forgotten sum, a factor of 2. Two independent witnesses
+# catch such bugs:
+#
+# 1. finite differences: nudge each input by +-h and watch the output (no calculus needed);
+# 2. PyTorch's autograd on the same function, in float64.
+#
+# minimlp's test suite uses both for every layer (tests/test_layers.py, helpers in minimlp/tools/gradcheck.py).
+# This lesson opens those helpers, explains the choices in them (central differences, float64, a
+# random upstream gradient, relative error), shows a real bug being caught, and checks a small chain
+# of layers (Linear -> GELU -> Linear -> cross-entropy) end to end. Sections 4 and 5 need PyTorch
+# (minimlp.tools.gradcheck.torch_gradients imports it).
+#
+# Run: python lessons/07_gradient_checks.py
 
-Lessons 2 to 6 derived each backward pass by hand. A derivation can be wrong in ways that still
-"train a bit": a missing transpose, a forgotten sum, a factor of 2. Two independent witnesses
-catch such bugs:
-
-  1. finite differences: nudge each input by +-h and watch the output (no calculus needed);
-  2. PyTorch's autograd on the same function, in float64.
-
-minimlp's test suite uses both for every layer (tests/test_layers.py, helpers in minimlp/tools/gradcheck.py).
-This lesson opens those helpers, explains the choices in them (central differences, float64, a
-random upstream gradient, relative error), shows a real bug being caught, and checks a small chain
-of layers (Linear -> GELU -> Linear -> cross-entropy) end to end. Sections 4 and 5 need PyTorch
-(minimlp.tools.gradcheck.torch_gradients imports it).
-
-Run: python lessons/07_gradient_checks.py
-"""
+# %%
 # _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
-from _lesson import check, heading, save_figure, show_source
+from _lesson import check, heading, show_figure, show_source
 
 import numpy as np
 import torch  # sections 4 and 5; a test-only dependency: pip install -r requirements-test.txt
@@ -26,12 +28,17 @@ from minimlp.tools.gradcheck import numerical_gradients, relative_error, torch_g
 
 rng = np.random.default_rng(0)
 
-# ---------------------------------------------------------------------------------------------
-heading("1. Central differences, and why float64")
+
+# %% [markdown]
+# ## 1. Central differences, and why float64
+#
 # f'(x) ~ (f(x + h) - f(x - h)) / 2h has an error of order h^2 (the h^1 terms of the Taylor series
 # cancel); the one-sided (f(x + h) - f(x)) / h has an error of order h. But h cannot be tiny: the
 # subtraction f(x + h) - f(x - h) loses digits, an error of order eps / h, eps the machine precision
 # (1.1e-16 in float64, 6e-8 in float32). Let us measure both effects on GELU at x = 0.7.
+
+# %%
+heading("1. Central differences, and why float64")
 x0 = np.array([0.7])
 exact = float(layers.gelu_backward(np.ones(1), layers.gelu_forward(x0)[1])[0])
 steps = np.logspace(-12, -1, 45)
@@ -52,11 +59,15 @@ axis.set_xlabel("step h")
 axis.set_ylabel("relative error of the central difference")
 axis.set_title("GELU'(0.7): rounding error (left) vs truncation error (right)")
 axis.legend()
-save_figure(figure, "07_step_size.png")
+show_figure(figure, "07_step_size.png")
 check(min(errors["float64"]) < 1e-9 < min(errors["float32"]),
       "finite differences get below 1e-9 in float64, not in float32: check gradients in float64")
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 2. The project's helper: every input, projected on a random upstream gradient
+
+# %%
 heading("2. The project's helper: every input, projected on a random upstream gradient")
 show_source(numerical_gradients)
 # A layer has many outputs; a gradient check needs one scalar. Take L = sum(f(x) * dout) with a
@@ -76,10 +87,15 @@ for name, ours, reference in zip(["dtokens", "dA", "dbias"], analytic, numerical
     print(f"token mixing {name:8s}: relative error {error:.1e}")
     check(error < 1e-7, f"token_mixing_backward's {name} matches finite differences")
 
-# ---------------------------------------------------------------------------------------------
-heading("3. A bug, caught")
+
+# %% [markdown]
+# ## 3. A bug, caught
+#
 # A classic: dW = x.T @ dy instead of dy.T @ x. With a SQUARE weight the shapes fit and nothing
 # crashes; only a gradient check notices. (Hence: test with all dimensions different.)
+
+# %%
+heading("3. A bug, caught")
 
 
 def buggy_linear_backward(dy, cache):
@@ -96,7 +112,11 @@ right_error = relative_error(layers.linear_backward(dout, cache)[1], numerical_d
 print(f"dW relative error: buggy {buggy_error:.2f}, minimlp's {right_error:.1e}")
 check(buggy_error > 0.1 and right_error < 1e-7, "the gradient check rejects the transposed dW and accepts the library's")
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 4. The second witness: PyTorch autograd
+
+# %%
 heading("4. The second witness: PyTorch autograd")
 show_source(torch_gradients)
 # PyTorch computes the same derivative by a completely different route (its own autograd rules),
@@ -110,10 +130,15 @@ torch_out, (torch_dx,) = torch_gradients(F.gelu, [x], dout)
 check(relative_error(out, torch_out) < 1e-12 and relative_error(layers.gelu_backward(dout, cache), torch_dx) < 1e-12,
       "GELU forward and backward equal torch's in float64")
 
-# ---------------------------------------------------------------------------------------------
-heading("5. A chain of layers: Linear -> GELU -> Linear -> cross-entropy")
+
+# %% [markdown]
+# ## 5. A chain of layers: Linear -> GELU -> Linear -> cross-entropy
+#
 # Backward of a chain = the layers' backwards in reverse order, each passing its dx to the next.
 # This is the channel MLP of a ResMLP block plus a loss, the pattern lesson 8 builds on.
+
+# %%
+heading("5. A chain of layers: Linear -> GELU -> Linear -> cross-entropy")
 x = rng.normal(size=(6, 4))
 w1, b1, w2, b2 = rng.normal(size=(9, 4)), rng.normal(size=9), rng.normal(size=(3, 9)), rng.normal(size=3)
 labels = np.array([0, 2, 1, 1, 0, 2])
@@ -148,8 +173,10 @@ for name, mine, by_differences, by_torch in zip(["dx", "dw1", "db1", "dw2", "db2
     check(relative_error(mine, by_differences) < 1e-6 and relative_error(mine, by_torch) < 1e-12,
           f"the chain's {name} matches both witnesses")
 
-# ---------------------------------------------------------------------------------------------
-# Exercises (hints after the arrow)
+
+# %% [markdown]
+# ## Exercises (hints after the arrow)
+#
 # 1. Replace GELU by ReLU in section 5 (np.maximum(x, 0) forward, dy * (x > 0) backward) and
 #    re-run the checks. -> they pass, unless a hidden value lands within h of 0, where the kink
 #    makes the finite difference wrong. Try scaling x by 1e-6 to see it.
@@ -161,4 +188,6 @@ for name, mine, by_differences, by_torch in zip(["dx", "dw1", "db1", "dw2", "db2
 # 4. Why is the tolerance vs torch (1e-12) so much tighter than vs finite differences (1e-6)?
 #    -> torch computes the same formulas exactly up to rounding; finite differences have their own
 #    O(h^2) + O(eps/h) error, as section 1 measured.
+
+# %%
 print("\nLesson 7 done: central differences in float64 and PyTorch autograd agree with every backward.")

@@ -1,25 +1,28 @@
-"""Lesson 9: the whole model, forward and backward, checked against timm.
+# %% [markdown]
+# # Lesson 9: the whole model, forward and backward, checked against timm
+#
+#     images (B, 3, H, W)
+#     -> patch embedding (lesson 1)                   tokens (N, B, d)
+#     -> depth x ResMLP block (lesson 8)              tokens (N, B, d)
+#     -> Affine `norm` (lesson 2)                     tokens (N, B, d)
+#     -> mean over the N patches                      features (B, d)
+#     -> Linear `head` (lesson 3)                     logits (B, num_classes)
+#     -> cross-entropy (lesson 6)
+#
+# No class token, no positional embedding (position lives in the cross-patch matrices, lesson 5).
+#
+# What you will see:
+#
+# 1. create_model and its parameters: official checkpoint names, shapes, and the two flat buffers
+#    that hold all parameters and all gradients (minimlp.parameters);
+# 2. ResMLP-S12's 15.35 M parameters, counted;
+# 3. forward and backward of a small model, and that backward OVERWRITES the gradients;
+# 4. mean pooling's backward, the one layer we had not derived yet;
+# 5. (needs torch and timm) the same model in timm, float64: logits and every gradient agree.
+#
+# Run: python lessons/09_whole_model.py
 
-    images (B, 3, H, W)
-      -> patch embedding (lesson 1)                   tokens (N, B, d)
-      -> depth x ResMLP block (lesson 8)              tokens (N, B, d)
-      -> Affine `norm` (lesson 2)                     tokens (N, B, d)
-      -> mean over the N patches                      features (B, d)
-      -> Linear `head` (lesson 3)                     logits (B, num_classes)
-      -> cross-entropy (lesson 6)
-
-No class token, no positional embedding (position lives in the cross-patch matrices, lesson 5).
-
-What you will see:
-  1. create_model and its parameters: official checkpoint names, shapes, and the two flat buffers
-     that hold all parameters and all gradients (minimlp.parameters);
-  2. ResMLP-S12's 15.35 M parameters, counted;
-  3. forward and backward of a small model, and that backward OVERWRITES the gradients;
-  4. mean pooling's backward, the one layer we had not derived yet;
-  5. (needs torch and timm) the same model in timm, float64: logits and every gradient agree.
-
-Run: python lessons/09_whole_model.py
-"""
+# %%
 # _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
 from _lesson import check, heading, show_source
 
@@ -29,10 +32,15 @@ from minimlp import create_model, layers, losses
 from minimlp.model import ResMLP
 from minimlp.parameters import Parameters
 
-# ---------------------------------------------------------------------------------------------
-heading("1. A small model and its parameters")
+
+# %% [markdown]
+# ## 1. A small model and its parameters
+#
 # resmlp_tiny is the project's CPU preset (32 px images, patch 4, d = 128, 6 blocks). We shrink it
 # further (d = 16, 2 blocks, 5 classes) and use float64, as for any gradient check.
+
+# %%
+heading("1. A small model and its parameters")
 model = create_model("resmlp_tiny", dim=16, depth=2, num_classes=5, dtype="float64", seed=0)
 print(f"config: {model.config}")
 print(f"{model.num_patches} patches, {model.num_params():,} parameters in {len(model.params)} tensors:")
@@ -49,7 +57,11 @@ check(all(np.shares_memory(value, model.parameters.grad) for value in model.grad
 # Why: the optimizer (lesson 10) then updates ALL parameters with a handful of whole-buffer
 # operations, instead of a Python loop over ~80 (or, for S36, ~440) tensors.
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 2. Counting ResMLP-S12
+
+# %%
 heading("2. Counting ResMLP-S12")
 s12 = create_model("resmlp_s12")
 by_kind = {}
@@ -62,7 +74,11 @@ print(f"total {s12.num_params() / 1e6:.2f} M (docs/reference.md, Presets: 15.35 
 check(round(s12.num_params() / 1e6, 2) == 15.35, "ResMLP-S12 has 15.35 M parameters, as published")
 del s12
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 3. Forward and backward
+
+# %%
 heading("3. Forward and backward")
 show_source(ResMLP.forward, max_lines=26)
 show_source(ResMLP.backward, max_lines=24)
@@ -98,7 +114,11 @@ for name, index in [("patch_embed.proj.weight", (3, 1, 2, 0)), ("blocks.0.attn.w
     check(abs(numerical - model.grads[name][index]) < 1e-6 * max(1.0, abs(numerical)),
           f"d loss / d {name}{list(index)} matches a finite difference through the whole model")
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 4. The last piece: mean pooling
+
+# %%
 heading("4. The last piece: mean pooling")
 show_source(layers.mean_pool_backward)
 # y[b, c] = (1/N) sum_n x[n, b, c]: every token gets 1/N of the gradient of its image's feature.
@@ -106,7 +126,11 @@ show_source(layers.mean_pool_backward)
 pooled_grad = layers.mean_pool_backward(np.ones((3, 16)), (64, 3, 16))
 check(pooled_grad.strides[0] == 0 and np.allclose(pooled_grad, 1 / 64), "mean_pool_backward is a stride-0 view of dy / N")
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 5. Against timm (this section needs torch and timm)
+
+# %%
 heading("5. Against timm (this section needs torch and timm)")
 try:
     from minimlp.tools.pytorch_references import timm_twin, torch
@@ -131,8 +155,10 @@ if torch is not None:
     check(logits_error < 1e-10 and grad_errors[worst] < 1e-10,
           "minimlp's hand-written forward and backward equal timm's autograd for every parameter")
 
-# ---------------------------------------------------------------------------------------------
-# Exercises (hints after the arrow)
+
+# %% [markdown]
+# ## Exercises (hints after the arrow)
+#
 # 1. Add up the parameters of ResMLP-S24 and B24 the same way and compare to docs/reference.md, Presets
 #    (30.0 M, 129.1 M). -> create_model("resmlp_s24").num_params(); B24 needs ~0.5 GB of float32.
 # 2. Rebind a parameter instead of writing into it: model.params["head.bias"] = np.zeros(5), then
@@ -143,4 +169,6 @@ if torch is not None:
 #    (model.free_activations()), so a second backward cannot silently reuse stale ones.
 # 4. Compute the input gradient (model.backward(dlogits, need_dimages=True)) for an image and show
 #    it as a picture: which pixels would change the logit of the label most? -> a "saliency map".
+
+# %%
 print("\nLesson 9 done: the whole model's backward equals autograd; gradients overwrite, in one flat buffer.")

@@ -1,25 +1,27 @@
-"""Lesson 10: AdamW, decoupled weight decay, and the learning-rate schedule.
+# %% [markdown]
+# # Lesson 10: AdamW, decoupled weight decay, and the learning-rate schedule
+#
+# Backward gives a gradient g for every parameter. The simplest update is p <- p - lr * g (SGD).
+# Adam instead keeps two running averages per number,
+#
+#     m <- b1 m + (1 - b1) g           (which way the gradient points, on average)
+#     v <- b2 v + (1 - b2) g^2         (how large it is, on average)
+#
+# and steps by lr * m_hat / (sqrt(v_hat) + eps): roughly lr per step in the direction of the
+# gradient, whatever its scale (m_hat, v_hat undo the bias of starting m, v at 0). AdamW adds weight
+# decay the "decoupled" way, p <- p - lr * wd * p, separate from the gradient, and only to matrices,
+# never to 1-D parameters (biases, Affine, LayerScale).
+#
+# What you will see: minimlp.optim.AdamW, re-derived from scratch per tensor and compared; why
+# decoupled decay differs from adding wd * p to the gradient; the decay mask; (needs torch)
+# agreement with torch.optim.AdamW; and minimlp.schedule's warmup + cosine (lessons/out/10_schedule.png).
+# The paper trains ResMLP with LAMB (also in minimlp.optim); AdamW is DeiT's common alternative.
+#
+# Run: python lessons/10_adamw.py
 
-Backward gives a gradient g for every parameter. The simplest update is p <- p - lr * g (SGD).
-Adam instead keeps two running averages per number,
-
-    m <- b1 m + (1 - b1) g           (which way the gradient points, on average)
-    v <- b2 v + (1 - b2) g^2         (how large it is, on average)
-
-and steps by lr * m_hat / (sqrt(v_hat) + eps): roughly lr per step in the direction of the
-gradient, whatever its scale (m_hat, v_hat undo the bias of starting m, v at 0). AdamW adds weight
-decay the "decoupled" way, p <- p - lr * wd * p, separate from the gradient, and only to matrices,
-never to 1-D parameters (biases, Affine, LayerScale).
-
-What you will see: minimlp.optim.AdamW, re-derived from scratch per tensor and compared; why
-decoupled decay differs from adding wd * p to the gradient; the decay mask; (needs torch)
-agreement with torch.optim.AdamW; and minimlp.schedule's warmup + cosine (lessons/out/10_schedule.png).
-The paper trains ResMLP with LAMB (also in minimlp.optim); AdamW is DeiT's common alternative.
-
-Run: python lessons/10_adamw.py
-"""
+# %%
 # _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
-from _lesson import check, heading, save_figure, show_source
+from _lesson import check, heading, show_figure, show_source
 
 import math
 
@@ -33,13 +35,21 @@ from minimlp.step import train_step
 
 rng = np.random.default_rng(0)
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 1. AdamW as the library writes it: whole buffers at once
+
+# %%
 heading("1. AdamW as the library writes it: whole buffers at once")
 show_source(AdamW.step)
 # p, g, m, v are the FLAT buffers of lesson 9: each line is one vectorized operation over every
 # parameter of the model. `decay_mask` is 1 where the parameter is a matrix, 0 elsewhere.
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 2. The same, from scratch, one tensor at a time
+
+# %%
 heading("2. The same, from scratch, one tensor at a time")
 model = create_model("resmlp_tiny", dim=16, depth=2, num_classes=5, dtype="float64", seed=0)
 images, labels = rng.normal(size=(4, 3, 32, 32)), np.array([0, 1, 2, 3])
@@ -64,10 +74,15 @@ for t in range(1, 4):
 decayed = [name for name, value in model.params.items() if value.ndim > 1]
 print(f"weight decay applies to {len(decayed)} of {len(model.params)} tensors: {', '.join(decayed[:4])}, ...")
 
-# ---------------------------------------------------------------------------------------------
-heading("3. Decoupled decay vs L2 regularization inside Adam")
+
+# %% [markdown]
+# ## 3. Decoupled decay vs L2 regularization inside Adam
+#
 # "Adam + L2" adds wd * p to the GRADIENT. Adam then divides by sqrt(v): the decay gets normalized
 # away. Extreme case: a weight with no gradient from the loss at all, p = 1, 200 steps.
+
+# %%
+heading("3. Decoupled decay vs L2 regularization inside Adam")
 p_adamw, p_l2, m_l2, v_l2 = 1.0, 1.0, 0.0, 0.0
 for t in range(1, 201):
     p_adamw -= lr * weight_decay * p_adamw  # AdamW: the loss gradient is 0, so only the decay acts
@@ -81,7 +96,11 @@ check(abs(p_adamw - (1 - lr * weight_decay) ** 200) < 1e-12, "AdamW's decay is t
 # Adam+L2 decays a weight by ~lr per step whether wd is 1e-4 or 1, and barely at all for weights
 # whose loss gradient is large (v is then large): not what "weight decay" was meant to be.
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 4. Against torch.optim.AdamW (this section needs torch)
+
+# %%
 heading("4. Against torch.optim.AdamW (this section needs torch)")
 try:
     import torch
@@ -106,7 +125,11 @@ if torch is not None:
     print(f"5 steps, two parameter groups: largest difference to torch {worst:.1e}")
     check(worst < 1e-12, "minimlp's AdamW equals torch.optim.AdamW with decay on matrices only")
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 5. The schedule: linear warmup, then half a cosine
+
+# %%
 heading("5. The schedule: linear warmup, then half a cosine")
 show_source(lr_at)
 # Early in training, Adam's v is a poor estimate and the weights are random: big steps can wreck
@@ -122,7 +145,7 @@ axis.axvline(warmup, color="grey", ls="--", lw=0.8)
 axis.set_xlabel("optimizer step")
 axis.set_ylabel("learning rate")
 axis.set_title(f"lr_at: warmup {warmup} steps to {base}, cosine to min_lr over {total}")
-save_figure(figure, "10_schedule.png")
+show_figure(figure, "10_schedule.png")
 check(rates[0] == 1e-6 and rates[warmup] == base and abs(rates[-1] - 1e-5) < 1e-15,
       "the schedule starts at warmup_lr, reaches base_lr at warmup_steps, ends at min_lr")
 check(all(a <= b for a, b in zip(rates[:warmup], rates[1:warmup + 1])) and all(a >= b for a, b in zip(rates[warmup:], rates[warmup + 1:])),
@@ -132,8 +155,10 @@ check(all(a <= b for a, b in zip(rates[:warmup], rates[1:warmup + 1])) and all(a
 # ||p|| / ||u||, so every layer moves by the same fraction of its own size (made for batch 2048+).
 check(Lamb.__doc__ is not None and "trust" in Lamb.__doc__, "minimlp.optim.Lamb is there too; read its docstring")
 
-# ---------------------------------------------------------------------------------------------
-# Exercises (hints after the arrow)
+
+# %% [markdown]
+# ## Exercises (hints after the arrow)
+#
 # 1. Set weight_decay to 0.5 and redo section 3. -> AdamW's p shrinks 10x faster per step (to 0.37); Adam+L2's
 #    barely changes: its step size does not depend on wd at all.
 # 2. Remove the bias correction (use m and v instead of m_hat, v_hat) in section 2. How large is
@@ -143,4 +168,6 @@ check(Lamb.__doc__ is not None and "trust" in Lamb.__doc__, "minimlp.optim.Lamb 
 #    the network needs; that is why 1-D parameters are excluded (docs/reference.md, Training recipe).
 # 4. Replace AdamW by Lamb(model.parameters, lr=5e-3, weight_decay=0.2) in lesson 11. -> it trains too; LAMB's
 #    advantage shows at the paper's batch size of 2048, not at 64.
+
+# %%
 print("\nLesson 10 done: AdamW = Adam + decoupled decay on matrices; lr = warmup then cosine.")

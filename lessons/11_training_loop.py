@@ -1,35 +1,37 @@
-"""Lesson 11: a training loop that learns.
+# %% [markdown]
+# # Lesson 11: a training loop that learns
+#
+# Everything is in place: a model whose forward and backward we trust (lessons 1-9), a loss
+# (lesson 6) and an optimizer with a schedule (lesson 10). Training is a loop:
+#
+#     for each step:
+#     pick a batch of images and labels
+#     train_step(model, optimizer, images, labels, lr=lr_at(step, ...), precision=policy("float32"))
+#
+# and train_step (minimlp.step, the one step that train.py, the benchmarks and the tests run too) is
+#
+#     logits = model.forward(images, train=True)
+#     loss, dlogits = softmax_cross_entropy(logits, targets)  # (smoothed) cross-entropy; dlogits = (p - q) / B
+#     model.backward(dlogits)                 # fills model.grads (overwrites)
+#     (float16 only: loss scaling, which may skip a step: lesson 14)
+#     clip them if asked (clip_grad)
+#     optimizer.lr = lr                       # warmup, then cosine
+#     optimizer.step()                        # updates model.params in place
+#
+# The data: minimlp.data.synthetic's "shapes10", ten classes of small drawn images (circle, ring,
+# square, triangle, cross, stripes in three directions, checkerboard, dots) on noisy backgrounds.
+# train.py writes them to disk as PNG files and reads them with a parallel loader; here we draw a
+# small set straight into memory with the same function, so the lesson runs in seconds on a CPU.
+#
+# What you will see: example images (lessons/out/11_examples.png), the loop itself, a loss curve and
+# validation accuracy (lessons/out/11_training.png), and per-class accuracy. The trained weights are
+# saved to lessons/out/11_shapes_resmlp.npz for lesson 13.
+#
+# Run: python lessons/11_training_loop.py        (about 10 s on 2 cores)
 
-Everything is in place: a model whose forward and backward we trust (lessons 1-9), a loss
-(lesson 6) and an optimizer with a schedule (lesson 10). Training is a loop:
-
-    for each step:
-        pick a batch of images and labels
-        train_step(model, optimizer, images, labels, lr=lr_at(step, ...), precision=policy("float32"))
-
-and train_step (minimlp.step, the one step that train.py, the benchmarks and the tests run too) is
-
-        logits = model.forward(images, train=True)
-        loss, dlogits = softmax_cross_entropy(logits, targets)  # (smoothed) cross-entropy; dlogits = (p - q) / B
-        model.backward(dlogits)                 # fills model.grads (overwrites)
-        (float16 only: loss scaling, which may skip a step: lesson 14)
-        clip them if asked (clip_grad)
-        optimizer.lr = lr                       # warmup, then cosine
-        optimizer.step()                        # updates model.params in place
-
-The data: minimlp.data.synthetic's "shapes10", ten classes of small drawn images (circle, ring,
-square, triangle, cross, stripes in three directions, checkerboard, dots) on noisy backgrounds.
-train.py writes them to disk as PNG files and reads them with a parallel loader; here we draw a
-small set straight into memory with the same function, so the lesson runs in seconds on a CPU.
-
-What you will see: example images (lessons/out/11_examples.png), the loop itself, a loss curve and
-validation accuracy (lessons/out/11_training.png), and per-class accuracy. The trained weights are
-saved to lessons/out/11_shapes_resmlp.npz for lesson 13.
-
-Run: python lessons/11_training_loop.py        (about 10 s on 2 cores)
-"""
+# %%
 # _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
-from _lesson import check, heading, output_dir, save_figure, show_source
+from _lesson import check, heading, output_dir, show_figure, show_source
 
 import time
 
@@ -46,7 +48,11 @@ from minimlp.data.normalize import normalize
 TRAIN_PER_CLASS, VAL_PER_CLASS = 100, 30
 STEPS, BATCH, BASE_LR, WEIGHT_DECAY, SMOOTHING = 500, 64, 3e-3, 0.05, 0.1
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 1. The data: shapes10, drawn in memory
+
+# %%
 heading("1. The data: shapes10, drawn in memory")
 show_source(draw_image)
 show_source(draw_split)
@@ -66,17 +72,22 @@ for label, name in enumerate(SHAPES_CLASSES):
         axes[row, label].imshow(train_images[label * TRAIN_PER_CLASS + row].transpose(1, 2, 0))
         axes[row, label].axis("off")
     axes[0, label].set_title(name.replace("_", "\n"), fontsize=8)
-save_figure(figure, "11_examples.png")
+show_figure(figure, "11_examples.png")
 
 # uint8 pixels -> floats with ImageNet's mean and std per colour (minimlp.data.normalize.normalize):
 # inputs centred near 0 with spread near 1, what the initialization assumes.
 train_x, val_x = normalize(train_images), normalize(val_images)
 print(f"normalized: {train_x.dtype}, mean {train_x.mean():+.2f}, std {train_x.std():.2f}")
 
-# ---------------------------------------------------------------------------------------------
-heading("2. The model and the optimizer")
+
+# %% [markdown]
+# ## 2. The model and the optimizer
+#
 # resmlp_tiny, shrunk so that a CPU trains it in seconds: patch 8 on 32 px gives a 4x4 grid of
 # N = 16 patches, d = 64, 2 blocks. float32, as in real training.
+
+# %%
+heading("2. The model and the optimizer")
 model = create_model("resmlp_tiny", dim=64, depth=2, patch_size=8, seed=0)
 optimizer = AdamW(model.parameters, model.ops, lr=BASE_LR, weight_decay=WEIGHT_DECAY)
 print(f"{model.config['name']} with {model.num_params():,} parameters, {model.num_patches} patches; "
@@ -88,7 +99,10 @@ def accuracy(images, labels):
     return float((predictions == labels).mean()), predictions
 
 
-# ---------------------------------------------------------------------------------------------
+# %% [markdown]
+# ## 3. The loop
+
+# %%
 heading("3. The loop")
 show_source(train_step)
 # Read it with the docstring above: forward, loss, backward, then the optimizer at this step's learning
@@ -116,7 +130,11 @@ print(f"{STEPS} steps in {time.perf_counter() - start:.1f} s")
 # blocks near the identity), then falls. It cannot reach 0: with label smoothing 0.1 over 10
 # classes the best possible loss is the entropy of the smoothed target, about 0.50.
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 4. Results
+
+# %%
 heading("4. Results")
 val_accuracy, predictions = accuracy(val_x, val_labels)
 per_class = {name: float((predictions[val_labels == label] == label).mean()) for label, name in enumerate(SHAPES_CLASSES)}
@@ -136,7 +154,7 @@ right.set_xlabel("step")
 right.set_ylabel("validation accuracy")
 right.set_ylim(0, 1)
 right.legend()
-save_figure(figure, "11_training.png")
+show_figure(figure, "11_training.png")
 weights_path = output_dir() / "11_shapes_resmlp.npz"
 np.savez(weights_path, **model.state_dict())
 print(f"  weights saved: {weights_path} (official names; lesson 13 reads them)")
@@ -146,8 +164,10 @@ print(f"mean loss of the first 50 steps {first:.3f}, of the last 50 {last:.3f}; 
 check(last < 0.75 * first, "the training loss went down by more than a quarter")
 check(val_accuracy > 0.4, "validation accuracy is far above chance (10%): the model learned, not memorized")
 
-# ---------------------------------------------------------------------------------------------
-# Exercises (hints after the arrow)
+
+# %% [markdown]
+# ## Exercises (hints after the arrow)
+#
 # 1. Set WEIGHT_DECAY = 0 and SMOOTHING = 0, and TRAIN_PER_CLASS = 20. Compare train and val
 #    accuracy. -> with little data and no regularization the gap between them (overfitting) grows.
 # 2. Remove the warmup (warmup_steps=0) and raise BASE_LR to 1e-2. -> the first steps can throw the
@@ -161,4 +181,6 @@ check(val_accuracy > 0.4, "validation accuracy is far above chance (10%): the mo
 #    spatial relations (ring vs circle) suffer most.
 # 5. The same training from the command line, with files, a parallel loader and checkpoints:
 #    python train.py (see the repository README) uses shapes10 by default.
+
+# %%
 print("\nLesson 11 done: forward, loss, backward, lr, step: the loss falls and the model generalizes.")

@@ -1,25 +1,27 @@
-"""Lesson 12: the same code on a GPU, with CuPy.
+# %% [markdown]
+# # Lesson 12: the same code on a GPU, with CuPy
+#
+# CuPy is NumPy for NVIDIA GPUs: cupy.exp, cupy.matmul, array.reshape, ... with the same names and
+# semantics, but the arrays live in GPU memory and every operation launches a GPU kernel. So a
+# function written against an array module `xp`, never against `np` directly, runs on both:
+#
+#     def gelu_backward(dy, cache):
+#     x, cdf = cache
+#     xp = get_xp(x)          # numpy for a NumPy array, cupy for a CuPy array
+#     slope = xp.exp(-0.5 * x * x) ...
+#
+# minimlp decides where arrays live in ONE place, minimlp.backend; every layer takes its `xp` from
+# the data it is handed. The model is created for a device ("cpu", "gpu" or "auto") and moves its
+# input there.
+#
+# What you will see: the backend's few functions; the xp idea on NumPy; what a fused GPU kernel buys
+# (an estimate of memory traffic, and a measurement of what separate passes cost on the CPU); and,
+# ONLY IF this machine has an NVIDIA GPU with CuPy, the same model on both devices, compared, and a
+# fused GELU backward checked against the plain xp code. Without a GPU those parts say so and skip.
+#
+# Run: python lessons/12_gpu_with_cupy.py
 
-CuPy is NumPy for NVIDIA GPUs: cupy.exp, cupy.matmul, array.reshape, ... with the same names and
-semantics, but the arrays live in GPU memory and every operation launches a GPU kernel. So a
-function written against an array module `xp`, never against `np` directly, runs on both:
-
-    def gelu_backward(dy, cache):
-        x, cdf = cache
-        xp = get_xp(x)          # numpy for a NumPy array, cupy for a CuPy array
-        slope = xp.exp(-0.5 * x * x) ...
-
-minimlp decides where arrays live in ONE place, minimlp.backend; every layer takes its `xp` from
-the data it is handed. The model is created for a device ("cpu", "gpu" or "auto") and moves its
-input there.
-
-What you will see: the backend's few functions; the xp idea on NumPy; what a fused GPU kernel buys
-(an estimate of memory traffic, and a measurement of what separate passes cost on the CPU); and,
-ONLY IF this machine has an NVIDIA GPU with CuPy, the same model on both devices, compared, and a
-fused GELU backward checked against the plain xp code. Without a GPU those parts say so and skip.
-
-Run: python lessons/12_gpu_with_cupy.py
-"""
+# %%
 # _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
 from _lesson import best_of, check, heading, show_source
 
@@ -29,7 +31,11 @@ import numpy as np
 
 from minimlp import backend, create_model, layers, losses
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 1. One place decides where arrays live: minimlp.backend
+
+# %%
 heading("1. One place decides where arrays live: minimlp.backend")
 show_source(backend.get_xp)
 show_source(backend.resolve_device)
@@ -45,10 +51,15 @@ if not has_gpu:
 # What a person sees is a message that says what is missing and how to get it; nothing falls back
 # to the CPU silently when the GPU was asked for.
 
-# ---------------------------------------------------------------------------------------------
-heading("2. The xp idea, on NumPy")
+
+# %% [markdown]
+# ## 2. The xp idea, on NumPy
+#
 # A layer never names numpy. Give it NumPy arrays and get_xp returns numpy; give it CuPy arrays and
 # the very same lines run on the GPU. Our own function written the same way:
+
+# %%
+heading("2. The xp idea, on NumPy")
 
 
 def softplus(x):
@@ -70,7 +81,11 @@ model.backward(dlogits)
 grads_cpu = backend.to_numpy(model.parameters.grad).copy()
 print(f"on {model.device}: xp = {model.xp.__name__}, logits {type(logits_cpu).__name__} {logits_cpu.shape}, loss {float(loss_cpu):.4f}")
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 3. What a fused kernel buys
+
+# %%
 heading("3. What a fused kernel buys")
 show_source(layers.gelu_backward)
 # On a GPU each xp line is its own kernel: it reads its inputs from GPU memory and writes its result
@@ -101,7 +116,11 @@ one_pass = best_of(lambda: dy * x)
 print(f"CPU, 4 M floats: gelu_backward {plain_time * 1e3:.1f} ms, a single multiply {one_pass * 1e3:.1f} ms "
       f"(x{plain_time / one_pass:.1f}): the price of separate passes (and of exp)")
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 4. On the GPU (only where one is present)
+
+# %%
 heading("4. On the GPU (only where one is present)")
 if not has_gpu:
     print("No NVIDIA GPU with CuPy on this machine: the GPU comparison and the fused kernel are skipped.\n"
@@ -152,8 +171,10 @@ else:
 check(backend.to_numpy(logits_cpu).shape == (8, 10) and np.isfinite(grads_cpu).all(),
       "the model ran forward and backward on this machine's default device")
 
-# ---------------------------------------------------------------------------------------------
-# Exercises (hints after the arrow)
+
+# %% [markdown]
+# ## Exercises (hints after the arrow)
+#
 # 1. Find every `np.` inside minimlp/layers.py. -> there is none: layers use get_xp(x) (or the
 #    backend's erf), which is why they run on CuPy unchanged. Now look at minimlp/model.py: where
 #    does it use np, and why is that fine? -> for host-side things: initialization drawn on the CPU
@@ -166,4 +187,6 @@ check(backend.to_numpy(logits_cpu).shape == (8, 10) and np.isfinite(grads_cpu).a
 #    TFLOP/s. -> elementwise work is memory-bound and can cost as much time as the matmuls.
 # 4. Why does the model draw its initial weights with NumPy on the host even on a GPU? -> the same
 #    seed then gives exactly the same model on CPU and GPU (section 4 relies on it via state_dict).
+
+# %%
 print("\nLesson 12 done: code written once against xp runs on NumPy and CuPy; fusion saves memory traffic.")

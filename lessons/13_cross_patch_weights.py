@@ -1,31 +1,37 @@
-"""Lesson 13: what the trained cross-patch matrices look like.
+# %% [markdown]
+# # Lesson 13: what the trained cross-patch matrices look like
+#
+# Lesson 5 showed that an N x N matrix A CAN act like a convolution on the patch grid (every row the
+# same small pattern, shifted to sit on its own patch). Nobody tells ResMLP to do that; the paper
+# finds that after training on ImageNet, the A's of early layers look like convolutions anyway, later
+# layers show a spike at the patch itself plus a diffuse response, and A is sparser than the MLP's
+# matrices B = fc1 and C = fc2.
+#
+# minimlp.tools.analysis turns those observations into numbers, and minimlp.tools.analyze draws the paper's
+# figure. This lesson opens both, checks the measures on matrices whose answer we know (a
+# convolution, a random matrix), and applies them to the model trained in lesson 11, before and
+# after training. It reads lessons/out/11_shapes_resmlp.npz, and runs lesson 11 first if that file
+# is missing (~10 s). Pictures: lessons/out/13_*.png.
+#
+# Run: python lessons/13_cross_patch_weights.py
 
-Lesson 5 showed that an N x N matrix A CAN act like a convolution on the patch grid (every row the
-same small pattern, shifted to sit on its own patch). Nobody tells ResMLP to do that; the paper
-finds that after training on ImageNet, the A's of early layers look like convolutions anyway, later
-layers show a spike at the patch itself plus a diffuse response, and A is sparser than the MLP's
-matrices B = fc1 and C = fc2.
-
-minimlp.tools.analysis turns those observations into numbers, and minimlp.tools.analyze draws the paper's
-figure. This lesson opens both, checks the measures on matrices whose answer we know (a
-convolution, a random matrix), and applies them to the model trained in lesson 11, before and
-after training. It reads lessons/out/11_shapes_resmlp.npz, and runs lesson 11 first if that file
-is missing (~10 s). Pictures: lessons/out/13_*.png.
-
-Run: python lessons/13_cross_patch_weights.py
-"""
+# %%
 # _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
-from _lesson import REPO_ROOT, check, heading, output_dir, show_source
+from _lesson import REPO_ROOT, check, heading, output_dir, show_picture, show_source
 
 import subprocess
 import sys
 
 import numpy as np
 
+from minimlp import create_model
 from minimlp.tools import analysis, analyze
 
-# ---------------------------------------------------------------------------------------------
-from minimlp import create_model
+
+# %% [markdown]
+# ## 1. The measures, on matrices whose answer we know
+
+# %%
 heading("1. The measures, on matrices whose answer we know")
 show_source(analysis.sparsity)
 show_source(analysis.shifted_row_correlation)
@@ -50,7 +56,11 @@ check(analysis.sparsity(random_A) == np.mean(np.abs(random_A) < 0.05 * np.abs(ra
       "sparsity is the paper's: the fraction of |w| below 5% of the largest |w|")
 # Note the identity: a 1x1 convolution scores high too, which is why self_weight is reported beside it.
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 2. The model of lesson 11, trained and at initialization
+
+# %%
 heading("2. The model of lesson 11, trained and at initialization")
 weights_path = output_dir() / "11_shapes_resmlp.npz"
 if not weights_path.exists():
@@ -67,20 +77,24 @@ for before, after in zip(initial_measures, trained_measures):
     for label, m in (("init", before), ("trained", after)):
         print(f"{m['layer']:>5} {label:9s} {m['convolution']:+6.2f} {m['self_weight']:6.2f} {m['A']:6.3f} {m['B']:6.3f} {m['C']:6.3f}")
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 3. The paper's figure
+
+# %%
 heading("3. The paper's figure")
 show_source(analyze.draw_cross_patch_rows, max_lines=12)
 for layer in range(len(trained_measures)):
     A = trained[analysis.MATRIX_NAMES["A"].format(layer)].astype(np.float64)
     path = output_dir() / f"13_cross_patch_layer_{layer}.png"
     analyze.draw_cross_patch_rows(A, layer, path)
-    print(f"  picture written: {path}")
+    show_picture(path)
 path = output_dir() / "13_cross_patch_layer_0_at_init.png"
 analyze.draw_cross_patch_rows(initial["blocks.0.attn.weight"], 0, path)
-print(f"  picture written: {path} (the same layer before training, for comparison)")
+show_picture(path, "(the same layer before training, for comparison)")
 path = output_dir() / "13_sparsity.png"
 analyze.draw_sparsity(trained_measures, path)
-print(f"  picture written: {path}")
+show_picture(path)
 
 # What to notice in the pictures and the table:
 #  - The trained rows are mostly negative: every patch subtracts a share of the others (a kind of
@@ -93,7 +107,11 @@ print(f"  picture written: {path}")
 #    than B and C here. The measures report what this model learned, not what we hoped to see.
 # For the real thing: python -m minimlp.tools.analyze on published ResMLP weights (see analyze's docstring).
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 4. Check: training made A more convolution-like
+
+# %%
 heading("4. Check: training made A more convolution-like")
 for before, after in zip(initial_measures, trained_measures):
     check(after["convolution"] > before["convolution"] + 0.1,
@@ -102,8 +120,10 @@ first_A = trained["blocks.0.attn.weight"]
 diagonal_minus_rest = np.mean(np.diagonal(first_A)) - np.mean(first_A[~np.eye(len(first_A), dtype=bool)])
 check(diagonal_minus_rest > 0, f"in layer 0 a patch weighs itself above the others (by {diagonal_minus_rest:.2f} on average)")
 
-# ---------------------------------------------------------------------------------------------
-# Exercises (hints after the arrow)
+
+# %% [markdown]
+# ## Exercises (hints after the arrow)
+#
 # 1. Train lesson 11 with patch_size=4 (an 8x8 grid, N = 64; ~4x slower) and re-run this lesson.
 #    -> with room on the grid, the rows of layer 0 can show local support around their patch.
 # 2. Turn off weight decay in lesson 11 (WEIGHT_DECAY = 0) and compare the sparsity of A, B, C.
@@ -114,4 +134,6 @@ check(diagonal_minus_rest > 0, f"in layer 0 a patch weighs itself above the othe
 # 4. Download official ResMLP-S12 weights (deit's resmlp_12_no_dist.pth, converted to .npz with
 #    torch.load and numpy.savez) and run python -m minimlp.tools.analyze on them. -> early layers show
 #    the convolution-like rows of the paper's Figure 3; A is much sparser than B and C.
+
+# %%
 print("\nLesson 13 done: the cross-patch matrices learn shared, translation-equivariant patterns.")

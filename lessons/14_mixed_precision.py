@@ -16,7 +16,7 @@ step. Pictures: lessons/out/14_rounding.png, 14_gradients.png, 14_loss_scale.png
 Run: python lessons/14_mixed_precision.py        (10-25 s on 2 busy cores)
 """
 # _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
-from _lesson import check, heading, save_figure, show_source
+from _lesson import check, heading, show_figure, show_source
 
 import numpy as np
 
@@ -100,7 +100,7 @@ axis.set_xlabel("|x|")
 axis.set_ylabel("relative rounding error")
 axis.set_title("float16: more precision in a narrow range; bfloat16: less precision, float32's range")
 axis.legend(loc="upper right", markerscale=6, fontsize=8)
-save_figure(figure, "14_rounding.png")
+show_figure(figure, "14_rounding.png")
 in_range = (magnitudes > 1e-4) & (magnitudes < 6e4)
 check(error16[in_range].max() <= 2.0 ** -11 and errorbf[in_range].max() <= 2.0 ** -8,
       "in float16's normal range the relative error is at most 2^-11 (float16) and 2^-8 (bfloat16): half an eps")
@@ -254,7 +254,7 @@ right.set_yscale("log")
 right.set_xticks(positions, [name.replace(".weight", "") for name in shown], rotation=30, ha="right", fontsize=8)
 right.set_ylabel("relative error of the weight gradient vs float32")
 right.legend(fontsize=8)
-save_figure(figure, "14_gradients.png")
+show_figure(figure, "14_gradients.png")
 
 # ---------------------------------------------------------------------------------------------
 heading("4. Dynamic loss scaling and the skipped step")
@@ -305,7 +305,7 @@ axis.axhline(np.log2(65520 / largest), color="tab:blue", ls="--", lw=0.8, label=
 axis.set_xlabel("training step")
 axis.set_ylabel("log2 of the loss scale S")
 axis.legend(fontsize=8)
-save_figure(figure, "14_loss_scale.png")
+show_figure(figure, "14_loss_scale.png")
 
 # ---------------------------------------------------------------------------------------------
 # Exercises (hints after the arrow)

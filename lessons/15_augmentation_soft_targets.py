@@ -1,21 +1,23 @@
-"""Lesson 15: augmentation, and labels that are probabilities.
+# %% [markdown]
+# # Lesson 15: augmentation, and labels that are probabilities
+#
+# ResMLP has no convolutions to build in that a shifted cat is still a cat: it learns that from the
+# data. DeiT's recipe, which ResMLP trains with, therefore augments hard, in five ways:
+#
+#     RandAugment        2 random photometric/geometric ops per image, magnitude ~9 of 10  (loader)
+#     Mixup, CutMix      blend two images, and blend their labels the same way            (on the batch)
+#     random erasing     a box of noise on a quarter of the images                         (on the batch)
+#     repeated aug.      each image 3 times per epoch, each time augmented differently     (the sampler)
+#
+# Mixup and CutMix turn a label into a probability vector (a soft target), and this lesson shows why
+# the loss needs no change for that: the cross-entropy's gradient stays p - q. Pictures:
+# lessons/out/15_randaugment.png (one image through every op), 15_mix_and_erase.png.
+#
+# Run: python lessons/15_augmentation_soft_targets.py        (a few seconds)
 
-ResMLP has no convolutions to build in that a shifted cat is still a cat: it learns that from the
-data. DeiT's recipe, which ResMLP trains with, therefore augments hard, in five ways:
-
-    RandAugment        2 random photometric/geometric ops per image, magnitude ~9 of 10  (loader)
-    Mixup, CutMix      blend two images, and blend their labels the same way            (on the batch)
-    random erasing     a box of noise on a quarter of the images                         (on the batch)
-    repeated aug.      each image 3 times per epoch, each time augmented differently     (the sampler)
-
-Mixup and CutMix turn a label into a probability vector (a soft target), and this lesson shows why
-the loss needs no change for that: the cross-entropy's gradient stays p - q. Pictures:
-lessons/out/15_randaugment.png (one image through every op), 15_mix_and_erase.png.
-
-Run: python lessons/15_augmentation_soft_targets.py        (a few seconds)
-"""
+# %%
 # _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
-from _lesson import check, heading, save_figure, show_source
+from _lesson import check, heading, show_figure, show_source
 
 import math
 
@@ -35,11 +37,16 @@ picture = draw_image("ring", np.random.default_rng([15, 0]))  # uint8 (32, 32, 3
 image = Image.fromarray(picture)
 FILL = tuple(round(255 * value) for value in IMAGENET_MEAN)  # what geometric ops put in uncovered corners
 
-# ---------------------------------------------------------------------------------------------
-heading("1. RandAugment: 15 ops, one magnitude")
+
+# %% [markdown]
+# ## 1. RandAugment: 15 ops, one magnitude
+#
 # DeiT uses "rand-m9-mstd0.5-inc1": for every image, 2 ops drawn from the 15 below, each applied
 # with probability 1/2 at magnitude m ~ N(9, 0.5) clipped to 0..10. The magnitude is turned into
 # each op's own argument by a small function per op:
+
+# %%
+heading("1. RandAugment: 15 ops, one magnitude")
 show_source(randaugment.rotate_degrees)
 show_source(randaugment.enhance_increasing_factor)
 show_source(randaugment.op_argument)
@@ -110,9 +117,13 @@ for axis in axes.flat:
     axis.set_xticks([])
     axis.set_yticks([])
 figure.suptitle("RandAugment's 15 ops ('inc1' set) at magnitudes 0..10, positive sign; below each: the op's argument")
-save_figure(figure, "15_randaugment.png")
+show_figure(figure, "15_randaugment.png")
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 2. Mixup and CutMix: convex combinations of images and of labels
+
+# %%
 heading("2. Mixup and CutMix: convex combinations of images and of labels")
 show_source(mixup.Mixup.apply, max_lines=20)
 # Image i is paired with image B-1-i (the batch reversed) and keeps a fraction lam of itself:
@@ -153,7 +164,11 @@ mixup_lams = np.array([plan.lams[0] for plan in draws if plan.kinds[0] == mixup.
 check(abs(mixup_lams.mean() - 0.5) < 0.03 and abs(mixup_lams.var() - 0.25 / 2.6) < 0.01,
       "Mixup's lam has Beta(0.8, 0.8)'s mean 1/2 and variance 1/(4 (2 alpha + 1)) = 0.096")
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 3. Soft targets: the same p - q gradient
+
+# %%
 heading("3. Soft targets: the same p - q gradient")
 show_source(losses.softmax_cross_entropy)
 # L = -sum_c q_c log p_c,   log p_c = z_c - log sum_k exp z_k
@@ -191,7 +206,11 @@ doubled = 2 * mixed64
 check(not np.allclose(losses.softmax_cross_entropy(logits, doubled)[1], numerical_gradient(doubled), atol=1e-6),
       "for targets that do not sum to 1, (p - q) / B is NOT the gradient: Mixup's convexity is what makes it hold")
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 4. Random erasing: a box of noise
+
+# %%
 heading("4. Random erasing: a box of noise")
 show_source(random_erasing.RandomErasing.draw_boxes)
 # DeiT: --reprob 0.25 --remode pixel. A box of area U(0.02, 1/3) of the image, aspect h/w log-uniform
@@ -241,9 +260,13 @@ for row, name in enumerate(["original", f"Mixup, lam {lam}", f"CutMix, lam {box_
     axes[row, 0].set_ylabel(name, fontsize=9)
 figure.suptitle("a batch, mixed with its reverse (image i with image 3 - i), and erased;\n"
                 "titles: the soft targets' two largest entries (label smoothing 0.1)")
-save_figure(figure, "15_mix_and_erase.png")
+show_figure(figure, "15_mix_and_erase.png")
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 5. Repeated augmentation: each image 3 times, augmented 3 ways
+
+# %%
 heading("5. Repeated augmentation: each image 3 times, augmented 3 ways")
 show_source(RepeatedAugmentationSampler.order_from_permutation)
 sampler = RepeatedAugmentationSampler(12, seed=0, repeats=3)
@@ -262,8 +285,10 @@ shards = [RepeatedAugmentationSampler(12, seed=0, repeats=3, num_replicas=3, ran
 check((np.stack(shards, axis=1).reshape(-1) == order).all(), "the 3 ranks' shards, interleaved, are the one-process order")
 check(all(len(set(shard.tolist())) == len(shard) for shard in shards), "with K = 3 no rank sees an image twice in an epoch")
 
-# ---------------------------------------------------------------------------------------------
-# Exercises (hints after the arrow)
+
+# %% [markdown]
+# ## Exercises (hints after the arrow)
+#
 # 1. Draw RandAugment("rand-m9-mstd0.5") (inc0) plans and look at Color at m ~ 9: stronger or weaker
 #    than at m = 5? -> factor 1.72 vs 1.0: at m = 5 the original set's enhancements do nothing.
 # 2. Why does the Mixup partner come from the same batch (reversed) and not from the dataset? -> no
@@ -277,4 +302,6 @@ check(all(len(set(shard.tolist())) == len(shard) for shard in shards), "with K =
 # 5. Why are Mixup and erasing done after normalization, on the device, and RandAugment before, in
 #    the loader? -> RandAugment's ops are Pillow's on uint8 images; mixing and noise are cheap array
 #    arithmetic on the whole batch, where the noise N(0, 1) means "around the dataset mean".
+
+# %%
 print("\nLesson 15 done: augmented images, mixed labels; the loss's gradient is still p - q.")

@@ -1,22 +1,24 @@
-"""Lesson 16: many processes. Data parallel training is "the gradient of a sum is the sum of the gradients".
+# %% [markdown]
+# # Lesson 16: many processes. Data parallel training is "the gradient of a sum is the sum of the gradients"
+#
+# The loss of a batch is a mean over its images, so its gradient is the mean of the images' gradients.
+# Split a batch of B images over K processes ("ranks"), let each compute the gradient of its B/K
+# images with its own copy of the model, average the K gradients (an all-reduce), and every rank holds
+# exactly the gradient of the whole batch: every rank then takes the same optimizer step and keeps the
+# same weights. That is all of data parallelism; the rest is making the averaging cheap.
+#
+# 1. the identity, checked in one process with the library's model (float64)
+# 2. the same through the library's data-parallel code, `mpiexec -n 2` (skipped, saying so, without MPI)
+# 3. the ring all-reduce, from scratch: why each GPU moves 2 (K-1)/K of the gradients
+# 4. what bucketing and overlap buy, in numbers: ResMLP-S12's 61 MB of gradients against its step
+#
+# Picture: lessons/out/16_overlap.png (when the buckets travel during backward).
+#
+# Run: python lessons/16_many_processes.py        (about 5 s on 2 cores, mpiexec included)
 
-The loss of a batch is a mean over its images, so its gradient is the mean of the images' gradients.
-Split a batch of B images over K processes ("ranks"), let each compute the gradient of its B/K
-images with its own copy of the model, average the K gradients (an all-reduce), and every rank holds
-exactly the gradient of the whole batch: every rank then takes the same optimizer step and keeps the
-same weights. That is all of data parallelism; the rest is making the averaging cheap.
-
-    1. the identity, checked in one process with the library's model (float64)
-    2. the same through the library's data-parallel code, `mpiexec -n 2` (skipped, saying so, without MPI)
-    3. the ring all-reduce, from scratch: why each GPU moves 2 (K-1)/K of the gradients
-    4. what bucketing and overlap buy, in numbers: ResMLP-S12's 61 MB of gradients against its step
-
-Picture: lessons/out/16_overlap.png (when the buckets travel during backward).
-
-Run: python lessons/16_many_processes.py        (about 5 s on 2 cores, mpiexec included)
-"""
+# %%
 # _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
-from _lesson import check, heading, output_dir, save_figure, show_source
+from _lesson import REPO_ROOT, check, heading, output_dir, show_figure, show_source
 
 import subprocess
 import sys
@@ -34,6 +36,7 @@ from minimlp.data.synthetic import SHAPES_CLASSES, draw_image
 from minimlp.data.normalize import normalize
 
 RANK_FLAG = "--as-a-rank"  # section 2 starts this file again under mpiexec with this flag and a folder
+THIS_FILE = REPO_ROOT / "lessons" / "16_many_processes.py"  # not __file__: a notebook has none
 GLOBAL_BATCH, LR = 16, 1e-3
 
 
@@ -75,15 +78,22 @@ if RANK_FLAG in sys.argv:
     run_as_a_rank(sys.argv[sys.argv.index(RANK_FLAG) + 1])
     sys.exit(0)
 
-# ---------------------------------------------------------------------------------------------
-heading("1. The gradient of a sum is the sum of the gradients")
+
+# %% [markdown]
+# ## 1. The gradient of a sum is the sum of the gradients
+#
 # The batch loss is L = (1/B) sum_i l_i, so  dL/dw = (1/B) sum_i dl_i/dw.  Cut the B images into K
 # parts of b_k images, with part losses L_k = (1/b_k) sum_{i in k} l_i:
+#
 #     dL/dw = sum_k (b_k / B) dL_k/dw        and with equal parts (b_k = B/K):  (1/K) sum_k dL_k/dw
+#
 # One condition hides in "l_i": each image's loss must not depend on the other images of the batch.
 # ResMLP has no batch norm (Affine instead), so it holds; drop path's masks are random per image, and
 # need care: every rank draws the masks of the whole global batch from the same generator and keeps its
 # own images' (ResMLP.drop_path_shard), so image i gets the same mask however the batch is split.
+
+# %%
+heading("1. The gradient of a sum is the sum of the gradients")
 show_source(create_model("resmlp_tiny", dim=8, depth=1, patch_size=8)._drop_path_masks)
 images, labels = global_batch()
 
@@ -118,11 +128,16 @@ check(np.abs((12 * part_a + 4 * part_b) / 16 - whole_plain).max() < 1e-12 * larg
       and np.abs((part_a + part_b) / 2 - whole_plain).max() > 1e-3 * largest,
       "parts of 12 and 4 images: the gradient is (12 g_a + 4 g_b) / 16, not (g_a + g_b) / 2")
 
-# ---------------------------------------------------------------------------------------------
-heading("2. The same over 2 processes: mpiexec -n 2, through the library's data-parallel code")
+
+# %% [markdown]
+# ## 2. The same over 2 processes: mpiexec -n 2, through the library's data-parallel code
+#
 # train.py under mpiexec connects to an MPIWorld (minimlp.parallel.distributed) and passes it to the one
 # training step as sync=world. Its backward runs the model's backward and averages the flat gradient
 # buffer in buckets, each started as soon as backward reports that its part is final:
+
+# %%
+heading("2. The same over 2 processes: mpiexec -n 2, through the library's data-parallel code")
 show_source(BucketedMean.backward)
 show_source(BucketedMean.grads_ready)
 # Here this file starts itself again under `mpiexec -n 2` (run_as_a_rank, at its top): each rank
@@ -140,8 +155,8 @@ else:
     folder.mkdir(exist_ok=True)
     for old in folder.glob("rank*.npz"):
         old.unlink()
-    command = [launcher, "-n", "2", sys.executable, str(Path(__file__).resolve()), RANK_FLAG, str(folder)]
-    print(f"$ mpiexec -n 2 python {Path(__file__).name} {RANK_FLAG} {folder}")
+    command = [launcher, "-n", "2", sys.executable, str(THIS_FILE), RANK_FLAG, str(folder)]
+    print(f"$ mpiexec -n 2 python {THIS_FILE.name} {RANK_FLAG} {folder}")
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=distributed.environment_without_mpi())
     print(result.stdout.rstrip())
     if result.returncode != 0:
@@ -161,15 +176,22 @@ else:
     check((ranks_saved[0]["weights"] == ranks_saved[1]["weights"]).all() and weight_error < 1e-12,
           "both ranks took the same step: their weights are equal bit for bit, and equal to the one-process step's")
 
-# ---------------------------------------------------------------------------------------------
-heading("3. The ring all-reduce, from scratch")
+
+# %% [markdown]
+# ## 3. The ring all-reduce, from scratch
+#
 # K ranks in a ring, each with a buffer of M values. Cut every buffer into K chunks.
-#   reduce-scatter, K-1 steps: rank r sends one chunk to rank r+1, which adds it to its own copy;
-#                  afterwards rank r holds the complete sum of chunk r+1.
-#   all-gather,    K-1 steps: the complete chunks travel on around the ring, each copied on arrival.
+#
+#     reduce-scatter, K-1 steps: rank r sends one chunk to rank r+1, which adds it to its own copy;
+#     afterwards rank r holds the complete sum of chunk r+1.
+#     all-gather,    K-1 steps: the complete chunks travel on around the ring, each copied on arrival.
+#
 # Every step every rank sends one chunk (M/K values) and receives one, all links busy at once: each
 # rank sends 2 (K-1) M/K values in all, almost 2M, however many ranks there are. That is why a ring
 # (NCCL's algorithm for large buffers) scales: the time is 2 (K-1)/K x M / bandwidth, not K x M.
+
+# %%
+heading("3. The ring all-reduce, from scratch")
 
 
 def ring_allreduce(buffers):
@@ -199,10 +221,15 @@ for count in (2, 4, 8):
           and all(values == 2 * (count - 1) * 840 // count for values in sent),
           f"K = {count}: every rank ends with the sum, having sent 2 (K-1)/K of the buffer")
 
-# ---------------------------------------------------------------------------------------------
-heading("4. What bucketing and overlap buy, in numbers (ResMLP-S12, on paper)")
+
+# %% [markdown]
+# ## 4. What bucketing and overlap buy, in numbers (ResMLP-S12, on paper)
+#
 # The gradients of ResMLP-S12: 15.35 M float32 values, 61.4 MB. The library cuts the flat buffer into
 # buckets of ~25 MiB (PyTorch DDP's size) at parameter boundaries, from its end (backward's order):
+
+# %%
+heading("4. What bucketing and overlap buy, in numbers (ResMLP-S12, on paper)")
 show_source(bucket_ranges)
 s12 = create_model("resmlp_s12")
 gradient_bytes = s12.parameters.size * 4
@@ -311,10 +338,12 @@ for axis, (name, *_), (whole, bucketed, _) in zip(axes, links[1:3], [network, et
                                       "backward: blocks 11..0, embed"], fontsize=8)
     axis.set_title(name, fontsize=9)
 axes[-1].set_xlabel("ms since backward started (ResMLP-S12, 256 images per GPU, on paper)")
-save_figure(figure, "16_overlap.png")
+show_figure(figure, "16_overlap.png")
 
-# ---------------------------------------------------------------------------------------------
-# Exercises (hints after the arrow)
+
+# %% [markdown]
+# ## Exercises (hints after the arrow)
+#
 # 1. In section 1, give every part's model the drop path generator of a fresh model but leave
 #    drop_path_shard at (0, 1). Does the average still match? -> no: each part would draw masks for
 #    its own 4 images from the start of the generator, not its images' masks of the global batch.
@@ -326,4 +355,6 @@ save_figure(figure, "16_overlap.png")
 #    x 464 MB / 40 GB/s = 22 ms, against a step several times longer: still mostly hidden.
 # 5. Run `mpiexec -n 2 python train.py --device cpu` (the demo on 2 ranks): what is the global batch?
 #    -> 2 x --batch-size; the log says so at the start.
+
+# %%
 print("\nLesson 16 done: K ranks' mean gradient is the whole batch's; a ring moves ~2M per rank; buckets hide it behind backward.")

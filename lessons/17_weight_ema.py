@@ -1,24 +1,26 @@
-"""Lesson 17: the moving average of the weights (EMA), and why evaluating it helps.
+# %% [markdown]
+# # Lesson 17: the moving average of the weights (EMA), and why evaluating it helps
+#
+# With a learning rate that is not (yet) tiny, stochastic gradient steps do not settle at a minimum:
+# every batch pushes the weights a little in its own direction, and they keep bouncing around the
+# bottom of the valley. An average of the recent weights sits closer to the bottom than any one of them.
+# DeiT (and ResMLP's recipe, `train.py --model-ema`) keeps such an average beside the model, updated
+# after every step and evaluated in the model's place:
+#
+#     ema <- decay * ema + (1 - decay) * weights          (minimlp.training.ema.ModelEma, one flat buffer)
+#
+# 1. what the average weighs: geometric weights, the window 1/(1 - decay), the lag, the noise it removes
+# 2. the picture on a valley of two weights: noisy steps and their average
+# 3. a small demo: resmlp_tiny shrunk to dim 64, depth 2, trained briefly with noisy steps on shapes10
+#    drawn in memory (train.py's demo data, smaller), val loss of raw vs EMA weights
+#
+# Pictures: lessons/out/17_valley.png, 17_ema_training.png.
+#
+# Run: python lessons/17_weight_ema.py        (about 15 s on 2 cores)
 
-With a learning rate that is not (yet) tiny, stochastic gradient steps do not settle at a minimum:
-every batch pushes the weights a little in its own direction, and they keep bouncing around the
-bottom of the valley. An average of the recent weights sits closer to the bottom than any one of them.
-DeiT (and ResMLP's recipe, `train.py --model-ema`) keeps such an average beside the model, updated
-after every step and evaluated in the model's place:
-
-    ema <- decay * ema + (1 - decay) * weights          (minimlp.training.ema.ModelEma, one flat buffer)
-
-    1. what the average weighs: geometric weights, the window 1/(1 - decay), the lag, the noise it removes
-    2. the picture on a valley of two weights: noisy steps and their average
-    3. a small demo: resmlp_tiny shrunk to dim 64, depth 2, trained briefly with noisy steps on shapes10
-       drawn in memory (train.py's demo data, smaller), val loss of raw vs EMA weights
-
-Pictures: lessons/out/17_valley.png, 17_ema_training.png.
-
-Run: python lessons/17_weight_ema.py        (about 15 s on 2 cores)
-"""
+# %%
 # _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
-from _lesson import check, heading, save_figure, show_source
+from _lesson import check, heading, show_figure, show_source
 
 import time
 
@@ -37,7 +39,11 @@ import matplotlib.pyplot as plt  # noqa: E402  (after _lesson, which chose the f
 
 rng = np.random.default_rng(0)
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 1. What the moving average weighs
+
+# %%
 heading("1. What the moving average weighs")
 show_source(ModelEma.update)
 show_source(ModelEma.swapped_into.__wrapped__)  # (the function inside @contextmanager)
@@ -82,10 +88,15 @@ print(f"noise of variance {noise_std ** 2}: the average's variance {noisy.data.v
       f"({noise_std ** 2 / predicted:.0f}x less)")
 check(abs(noisy.data.var() / predicted - 1) < 0.05, "white noise of variance s^2 leaves s^2 (1 - d) / (1 + d) in the average")
 
-# ---------------------------------------------------------------------------------------------
-heading("2. A valley of two weights: noisy steps and their average")
+
+# %% [markdown]
+# ## 2. A valley of two weights: noisy steps and their average
+#
 # The loss (a w_1^2 + b w_2^2) / 2, and gradients with noise, as a batch gives them. Gradient descent
 # with a fixed step size keeps bouncing; the EMA of its iterates sits near the bottom (0, 0).
+
+# %%
+heading("2. A valley of two weights: noisy steps and their average")
 curvature = np.array([1.0, 8.0])
 point = np.array([2.5, 1.2])
 valley_ema = ModelEma(point, decay=0.95)
@@ -112,14 +123,19 @@ axis.set_xlabel("w1")
 axis.set_ylabel("w2")
 axis.set_title("the iterates bounce around the bottom; their average sits near it")
 axis.legend(fontsize=8)
-save_figure(figure, "17_valley.png")
+show_figure(figure, "17_valley.png")
 
-# ---------------------------------------------------------------------------------------------
-heading("3. The demo: resmlp_tiny on shapes10, raw weights vs their EMA")
+
+# %% [markdown]
+# ## 3. The demo: resmlp_tiny on shapes10, raw weights vs their EMA
+#
 # Lesson 11's set-up, made noisy on purpose: batches of 16 and a constant learning rate after a
 # short warmup (a schedule that decays to 0 averages by itself at the end, leaving the EMA less to do).
 # The training loop is the trainer's: train_step, then ema.update after every step; evaluation of the
 # average swaps it into the model's buffer and back (as train.py --model-ema does).
+
+# %%
+heading("3. The demo: resmlp_tiny on shapes10, raw weights vs their EMA")
 TRAIN_PER_CLASS, VAL_PER_CLASS, STEPS, BATCH, LR, DECAY, EVERY = 150, 30, 1500, 16, 3e-3, 0.99, 50
 
 start = time.perf_counter()
@@ -182,10 +198,12 @@ right.set_xlabel("step")
 right.set_ylabel("validation accuracy")
 right.set_ylim(0, 1)
 right.legend()
-save_figure(figure, "17_ema_training.png")
+show_figure(figure, "17_ema_training.png")
 
-# ---------------------------------------------------------------------------------------------
-# Exercises (hints after the arrow)
+
+# %% [markdown]
+# ## Exercises (hints after the arrow)
+#
 # 1. Rerun section 3 with DECAY = 0.999 (window 1000 steps, most of the run). -> the EMA lags for most
 #    of the run: an average spanning the whole run includes the bad early weights.
 # 2. Replace the constant learning rate by lr_at(step, base_lr=LR, total_steps=STEPS, warmup_steps=50)
@@ -199,4 +217,6 @@ save_figure(figure, "17_ema_training.png")
 # 5. Why is an average of weights a sensible model at all, when the loss is not convex? -> the
 #    iterates of one run stay in one basin, near each other (a window of steps), where the loss is
 #    close to convex; averaging weights of two unrelated runs would not work.
+
+# %%
 print("\nLesson 17 done: the EMA of the weights is a geometric average over ~1/(1 - decay) steps: it lags, and it removes the bounce.")

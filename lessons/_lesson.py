@@ -1,8 +1,11 @@
-"""What every lesson shares: the path to the library, the output folder, headings, source listings
-and the final check. Not a lesson itself (its name starts with an underscore).
+"""What every lesson shares: the path to the library, the output folder, headings, source listings,
+figures and the checks. Not a lesson itself (its name starts with an underscore).
 
 A lesson is run as `python lessons/NN_name.py` from the repository root; Python then puts lessons/
-(not the root) on the import path, so this module adds the root, and `import minimlp` works.
+(not the root) on the import path, so this module adds the root, and `import minimlp` works. Opened
+as a notebook (jupytext, VS Code), its kernel starts in lessons/, and the same import finds this file.
+In a notebook the markdown cells carry the section titles and figures are shown inline; run as a
+script, the titles are printed and figures are only written to files.
 """
 import inspect
 import os
@@ -23,9 +26,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+
+def in_notebook():
+    """True inside a Jupyter kernel (a notebook, VS Code's interactive window), False for a script."""
+    ipython = sys.modules.get("IPython")  # a script never imports IPython, so this costs it nothing
+    shell = ipython.get_ipython() if ipython is not None else None
+    return getattr(shell, "kernel", None) is not None
+
+
 import matplotlib  # noqa: E402
 
-matplotlib.use("Agg")  # write PNG files, never open a window
+if not in_notebook():
+    matplotlib.use("Agg")  # a script writes PNG files and never opens a window
 
 
 class LessonCheckFailed(AssertionError):
@@ -40,7 +52,9 @@ def output_dir():
 
 
 def heading(title):
-    print(f"\n=== {title} " + "=" * max(0, 72 - len(title)))
+    """Print a section's title in a script; in a notebook the markdown cell above already shows it."""
+    if not in_notebook():
+        print(f"\n=== {title} " + "=" * max(0, 72 - len(title)))
 
 
 def show_source(function, max_lines=40):
@@ -61,14 +75,22 @@ def check(condition, message):
     print(f"  ok: {message}")
 
 
-def save_figure(figure, name):
-    """Write a matplotlib figure as output_dir()/name, close it, print where it is; returns the path."""
+def show_figure(figure, name):
+    """Write a matplotlib figure as output_dir()/name, close it, and show_picture it."""
     import matplotlib.pyplot as plt
     path = output_dir() / name
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
-    print(f"  picture written: {path}")
-    return path
+    show_picture(path)
+
+
+def show_picture(path, remark=""):
+    """Print where a PNG was written and, in a notebook, show it inline (returns nothing, so a notebook
+    prints no path after the picture)."""
+    print(f"  picture written: {path}" + (f" {remark}" if remark else ""))
+    if in_notebook():
+        from IPython.display import Image, display
+        display(Image(filename=path))
 
 
 def best_of(function, repeats=5):

@@ -306,11 +306,11 @@ def _bfloat16_bits(value):
     # float32 -> the bits of the nearest bfloat16, ties to even. A bfloat16 is the upper half of a float32: add
     # just under half of the 16 bits cut off (0x7FFF), plus 1 when the kept half is odd (so a tie goes to the
     # even neighbour), and keep the upper half. A carry runs into the exponent as it should (the largest
-    # float32s round to inf; inf stays inf; subnormals round like any other number). A NaN keeps its sign
-    # and its upper payload and is made quiet (the addition could carry a payload into inf).
+    # float32s round to inf; inf stays inf; subnormals round like any other number). A NaN becomes the quiet
+    # NaN of its sign, 0x7FC0 or 0xFFC0, as ml_dtypes makes it (the addition could carry a payload into inf).
     bits = np.float32(value).view(np.uint32)
     rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    quiet_nan = (bits >> np.uint32(16)) | np.uint32(0x0040)
+    quiet_nan = ((bits >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7FC0)
     return np.uint16(quiet_nan if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded)
 
 
