@@ -29,7 +29,7 @@ from minimlp.training.command_line import ArgumentParser
 from minimlp.data.datasets import IMAGE_EXTENSIONS, list_images
 from minimlp.data.loader import UNREADABLE_IMAGE_ERRORS
 from minimlp.model import PRESETS, preset_name
-from minimlp.data.normalize import normalize
+from minimlp.data.device_feed import normalize
 from minimlp.data.transforms import eval_transform
 from minimlp.weights import WeightsError, read_weights, timm_to_official
 

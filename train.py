@@ -37,9 +37,9 @@ from minimlp.data.random_erasing import MODES as ERASING_MODES, RandomErasing
 from minimlp.data.sampler import RepeatedAugmentationSampler
 from minimlp.data.synthetic import ensure_shapes_dataset
 from minimlp.training.teacher import load_teacher
-from minimlp.data.normalize import IMAGENET_MEAN
+from minimlp.data.device_feed import IMAGENET_MEAN
 from minimlp.data.transforms import TRAIN_INTERPOLATIONS
-from minimlp.losses import CrossEntropy
+from minimlp.layers import CrossEntropy
 from minimlp.ops import select
 from minimlp.optim import make_optimizer
 from minimlp.training.evaluation import evaluate

@@ -24,7 +24,7 @@ from _lesson import check, heading, show_source
 
 import numpy as np
 
-from minimlp import losses
+from minimlp import layers
 
 rng = np.random.default_rng(0)
 batch, classes = 4, 5
@@ -43,8 +43,8 @@ print(f"logits {logits[0]} -> naive softmax {naive[0]}   (exp(1000) = inf, inf/i
 # between numerator and denominator). Subtract the largest: then every exp() is at most exp(0) = 1.
 # And for the loss we need log p, computed directly as z - max - log(sum exp(z - max)), never as
 # log(exp(...)), which would turn a tiny probability into log(0) = -inf.
-show_source(losses.log_softmax)
-log_probs = losses.log_softmax(logits)
+show_source(layers.log_softmax)
+log_probs = layers.log_softmax(logits)
 print(f"log_softmax -> {log_probs[0]}   (the -2000 is exact: no probability of exp(-2000) is ever formed)")
 check(np.all(np.isfinite(log_probs)) and np.allclose(np.exp(log_probs).sum(), 1), "log_softmax is finite and normalized for logits of +-1000")
 check(np.isclose(log_probs[0, 2], -2000.0), "log p of the smallest class is exactly z_2 - z_0 = -2000")
@@ -62,10 +62,10 @@ check(np.isclose(log_probs[0, 2], -2000.0), "log p of the smallest class is exac
 
 # %%
 heading("2. The gradient p - q, derived")
-show_source(losses.cross_entropy)
+show_source(layers.cross_entropy)
 logits = 3 * rng.normal(size=(batch, classes))
 labels = np.array([0, 3, 1, 3])
-loss, dlogits = losses.cross_entropy(logits, labels)
+loss, dlogits = layers.cross_entropy(logits, labels)
 probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)  # safe here: |logits| are small
 one_hot = np.eye(classes)[labels]
 print(f"loss {float(loss):.4f} = mean of -log p[label] = {-np.log(probs[np.arange(batch), labels]).mean():.4f}")
@@ -78,7 +78,7 @@ for index in np.ndindex(logits.shape):
     up, down = logits.copy(), logits.copy()
     up[index] += h
     down[index] -= h
-    numerical[index] = (float(losses.cross_entropy(up, labels)[0]) - float(losses.cross_entropy(down, labels)[0])) / (2 * h)
+    numerical[index] = (float(layers.cross_entropy(up, labels)[0]) - float(layers.cross_entropy(down, labels)[0])) / (2 * h)
 print(f"largest |dlogits - finite difference|: {np.abs(dlogits - numerical).max():.1e}")
 check(np.allclose(dlogits, numerical, rtol=1e-6, atol=1e-9), "dlogits agrees with finite differences")
 # Note: each row of dlogits sums to 0 (p and q both sum to 1): the loss only cares about
@@ -93,7 +93,7 @@ check(np.allclose(dlogits.sum(axis=1), 0), "every row of dlogits sums to 0")
 # %%
 heading("3. Large logits: the loss stays finite and the gradient stays bounded")
 huge = np.array([[500.0, -500.0, 0.0], [-800.0, 800.0, 0.0]])
-loss_huge, dlogits_huge = losses.cross_entropy(huge, np.array([0, 0]))
+loss_huge, dlogits_huge = layers.cross_entropy(huge, np.array([0, 0]))
 print(f"logits {huge.tolist()}, labels [0, 0]: loss {float(loss_huge):.1f} (image 1 is 1600 nats wrong), "
       f"dlogits {np.round(dlogits_huge, 3).tolist()}")
 check(np.isfinite(float(loss_huge)) and np.isclose(float(loss_huge), (0 + 1600) / 2), "loss of confident mistakes is large but exact")
@@ -104,9 +104,9 @@ check(np.isfinite(float(loss_huge)) and np.isclose(float(loss_huge), (0 + 1600) 
 
 # %%
 heading("4. Label smoothing: q = (1 - s) * onehot + s / C")
-show_source(losses.smoothed_targets)
+show_source(layers.smoothed_targets)
 smoothing = 0.1
-q = losses.smoothed_targets(labels, classes, smoothing, np.float64)
+q = layers.smoothed_targets(labels, classes, smoothing, np.float64)
 print(f"target for label 3 with s = {smoothing}, C = {classes}: {q[1]}")
 # Without smoothing the loss only reaches 0 when p = onehot, i.e. logits infinitely far apart: the
 # model is pushed to ever more confident logits. With smoothing the best p is q itself, which
@@ -114,19 +114,19 @@ print(f"target for label 3 with s = {smoothing}, C = {classes}: {q[1]}")
 best_gap = np.log((1 - smoothing + smoothing / classes) / (smoothing / classes))
 best_logits = np.zeros((1, classes))
 best_logits[0, 3] = best_gap
-loss_best, dlogits_best = losses.cross_entropy(best_logits, np.array([3]), smoothing=smoothing)
+loss_best, dlogits_best = layers.cross_entropy(best_logits, np.array([3]), smoothing=smoothing)
 entropy = -(q[1] * np.log(q[1])).sum()
 print(f"best logit gap log(q_right/q_wrong) = {best_gap:.3f}: loss {float(loss_best):.4f} = entropy of q "
       f"{entropy:.4f} (> 0), gradient {np.abs(dlogits_best).max():.1e}")
 check(np.abs(dlogits_best).max() < 1e-12, "with label smoothing, finite logits reach zero gradient: p = q")
 more_confident = best_logits * 3
-check(float(losses.cross_entropy(more_confident, np.array([3]), smoothing=smoothing)[0]) > float(loss_best),
+check(float(layers.cross_entropy(more_confident, np.array([3]), smoothing=smoothing)[0]) > float(loss_best),
       "being more confident than q is now penalized")
 
 # Soft targets: Mixup/CutMix blend two images and their labels, giving targets that are
 # probabilities, e.g. 0.7 of class 0 and 0.3 of class 2. cross_entropy takes them as (B, C):
 soft = np.array([[0.7, 0, 0.3, 0, 0]] * batch)
-loss_soft, dlogits_soft = losses.cross_entropy(logits, soft)
+loss_soft, dlogits_soft = layers.cross_entropy(logits, soft)
 check(np.allclose(dlogits_soft, (probs - soft) / batch), "soft targets: the gradient is still (p - q) / B")
 
 
@@ -144,7 +144,7 @@ if torch is not None:
     z = torch.tensor(logits, requires_grad=True)
     reference = torch.nn.functional.cross_entropy(z, torch.tensor(labels), label_smoothing=smoothing)
     reference.backward()
-    ours, ours_dlogits = losses.cross_entropy(logits, labels, smoothing=smoothing)
+    ours, ours_dlogits = layers.cross_entropy(logits, labels, smoothing=smoothing)
     print(f"torch {reference.item():.10f}   minimlp {float(ours):.10f}")
     check(np.isclose(reference.item(), float(ours), rtol=1e-12) and np.allclose(z.grad.numpy(), ours_dlogits, rtol=1e-10),
           "minimlp's smoothed loss and gradient equal torch's cross_entropy(label_smoothing=0.1)")

@@ -23,7 +23,7 @@ from _lesson import check, heading, show_figure, show_source
 import numpy as np
 import torch  # sections 4 and 5; a test-only dependency: pip install -r requirements-test.txt
 
-from minimlp import layers, losses
+from minimlp import layers
 from minimlp.tools.gradcheck import numerical_gradients, relative_error, torch_gradients
 
 rng = np.random.default_rng(0)
@@ -148,7 +148,7 @@ def forward(x, w1, b1, w2, b2):
     hidden, fc1 = layers.linear_forward(x, w1, b1)
     active, act = layers.gelu_forward(hidden)
     logits, fc2 = layers.linear_forward(active, w2, b2)
-    loss, dlogits = losses.cross_entropy(logits, labels, smoothing=0.1)
+    loss, dlogits = layers.cross_entropy(logits, labels, smoothing=0.1)
     return loss, (fc1, act, fc2, dlogits)
 
 

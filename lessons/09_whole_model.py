@@ -28,7 +28,7 @@ from _lesson import check, heading, show_source
 
 import numpy as np
 
-from minimlp import create_model, layers, losses
+from minimlp import create_model, layers
 from minimlp.model import ResMLP
 from minimlp.parameters import Parameters
 
@@ -89,12 +89,12 @@ model.load_state_dict({name: rng.normal(scale=0.5 if value.ndim == 1 else 0.3, s
 images = rng.normal(size=(3, 3, 32, 32))
 labels = np.array([4, 0, 2])
 logits = model.forward(images, train=True)
-loss, dlogits = losses.cross_entropy(logits, labels)
+loss, dlogits = layers.cross_entropy(logits, labels)
 model.backward(dlogits)
 print(f"logits {logits.shape}, loss {float(loss):.4f}, gradient buffer norm {np.linalg.norm(model.parameters.grad):.4f}")
 first_grads = model.parameters.grad.copy()
 # A second forward + backward on the same batch: the gradients must be the same, not doubled.
-model.backward(losses.cross_entropy(model.forward(images, train=True), labels)[1])
+model.backward(layers.cross_entropy(model.forward(images, train=True), labels)[1])
 check(np.array_equal(model.parameters.grad, first_grads),
       "model.backward overwrites model.grads (a second call does not accumulate)")
 
@@ -104,9 +104,9 @@ for name, index in [("patch_embed.proj.weight", (3, 1, 2, 0)), ("blocks.0.attn.w
                     ("blocks.1.gamma_2", (7,)), ("blocks.0.mlp.fc1.weight", (20, 3)), ("head.bias", (4,))]:
     original = model.params[name][index]
     model.params[name][index] = original + h
-    up = float(losses.cross_entropy(model.forward(images), labels)[0])
+    up = float(layers.cross_entropy(model.forward(images), labels)[0])
     model.params[name][index] = original - h
-    down = float(losses.cross_entropy(model.forward(images), labels)[0])
+    down = float(layers.cross_entropy(model.forward(images), labels)[0])
     model.params[name][index] = original
     numerical = (up - down) / (2 * h)
     # (forward alone never touches model.grads: they still hold the backward above)

@@ -43,7 +43,7 @@ from minimlp.optim import AdamW
 from minimlp.schedule import lr_at
 from minimlp.step import train_step
 from minimlp.data.synthetic import SHAPES_CLASSES, draw_image, draw_split
-from minimlp.data.normalize import normalize
+from minimlp.data.device_feed import normalize
 
 TRAIN_PER_CLASS, VAL_PER_CLASS = 100, 30
 STEPS, BATCH, BASE_LR, WEIGHT_DECAY, SMOOTHING = 500, 64, 3e-3, 0.05, 0.1
@@ -74,7 +74,7 @@ for label, name in enumerate(SHAPES_CLASSES):
     axes[0, label].set_title(name.replace("_", "\n"), fontsize=8)
 show_figure(figure, "11_examples.png")
 
-# uint8 pixels -> floats with ImageNet's mean and std per colour (minimlp.data.normalize.normalize):
+# uint8 pixels -> floats with ImageNet's mean and std per colour (minimlp.data.device_feed.normalize):
 # inputs centred near 0 with spread near 1, what the initialization assumes.
 train_x, val_x = normalize(train_images), normalize(val_images)
 print(f"normalized: {train_x.dtype}, mean {train_x.mean():+.2f}, std {train_x.std():.2f}")

@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from minimlp import backend, create_model, layers, losses
+from minimlp import backend, create_model, layers
 
 
 # %% [markdown]
@@ -76,7 +76,7 @@ model = create_model("resmlp_tiny", dim=32, depth=2, patch_size=8, num_classes=1
 images = np.random.default_rng(0).normal(size=(8, 3, 32, 32)).astype(np.float32)
 labels = np.arange(8)
 logits_cpu = model.forward(images, train=True)
-loss_cpu, dlogits = losses.cross_entropy(logits_cpu, labels)
+loss_cpu, dlogits = layers.cross_entropy(logits_cpu, labels)
 model.backward(dlogits)
 grads_cpu = backend.to_numpy(model.parameters.grad).copy()
 print(f"on {model.device}: xp = {model.xp.__name__}, logits {type(logits_cpu).__name__} {logits_cpu.shape}, loss {float(loss_cpu):.4f}")
@@ -132,7 +132,7 @@ else:
     gpu_model = create_model("resmlp_tiny", dim=32, depth=2, patch_size=8, num_classes=10, device="gpu")
     gpu_model.load_state_dict(model.state_dict())  # the same weights on both devices
     logits_gpu = gpu_model.forward(images, train=True)  # NumPy input: the model moves it to the GPU
-    loss_gpu, dlogits_gpu = losses.cross_entropy(logits_gpu, backend.to_device(labels, "gpu"))
+    loss_gpu, dlogits_gpu = layers.cross_entropy(logits_gpu, backend.to_device(labels, "gpu"))
     gpu_model.backward(dlogits_gpu)
     print(f"on {gpu_model.device}: xp = {gpu_model.xp.__name__}, logits {type(logits_gpu).__module__}.{type(logits_gpu).__name__}")
     logits_gap = np.abs(backend.to_numpy(logits_gpu) - logits_cpu).max() / np.abs(logits_cpu).max()

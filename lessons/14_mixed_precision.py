@@ -20,13 +20,13 @@ from _lesson import check, heading, show_figure, show_source
 
 import numpy as np
 
-from minimlp import create_model, layers, losses, precision
+from minimlp import create_model, layers, precision
 from minimlp.loss_scaling import LossScaler
 from minimlp.precision import Precision, policy
 from minimlp.optim import AdamW
 from minimlp.step import train_step
 from minimlp.data.synthetic import SHAPES_CLASSES, draw_image
-from minimlp.data.normalize import normalize
+from minimlp.data.device_feed import normalize
 
 import matplotlib.pyplot as plt  # noqa: E402  (after _lesson, which chose the file-writing backend)
 
@@ -172,7 +172,7 @@ layers.matmul = listening_matmul
 try:
     recorded = forward_products = []
     logits = model.forward(images, train=True)
-    loss, dlogits = losses.cross_entropy(logits, labels, smoothing=0.1)
+    loss, dlogits = layers.cross_entropy(logits, labels, smoothing=0.1)
     recorded = backward_products = []
     model.backward(dlogits)
 finally:

@@ -24,11 +24,11 @@ import math
 import numpy as np
 from PIL import Image
 
-from minimlp import losses
+from minimlp import layers
 from minimlp.data import mixup, randaugment, random_erasing
 from minimlp.data.sampler import RepeatedAugmentationSampler
 from minimlp.data.synthetic import SHAPES_CLASSES, draw_image
-from minimlp.data.normalize import IMAGENET_MEAN, normalize
+from minimlp.data.device_feed import IMAGENET_MEAN, normalize
 
 import matplotlib.pyplot as plt  # noqa: E402  (after _lesson, which chose the file-writing backend)
 
@@ -170,14 +170,14 @@ check(abs(mixup_lams.mean() - 0.5) < 0.03 and abs(mixup_lams.var() - 0.25 / 2.6)
 
 # %%
 heading("3. Soft targets: the same p - q gradient")
-show_source(losses.softmax_cross_entropy)
+show_source(layers.softmax_cross_entropy)
 # L = -sum_c q_c log p_c,   log p_c = z_c - log sum_k exp z_k
 #   dL/dz_j = -q_j + p_j * sum_c q_c  =  p_j - q_j        WHEN sum_c q_c = 1
 # Nothing else about q is used: one-hot, smoothed or mixed, the gradient is (p - q) / B. And since L
 # is linear in q, the loss of a mixed target is the mix of the two losses:
 #   L(z, lam q_a + (1 - lam) q_b) = lam L(z, q_a) + (1 - lam) L(z, q_b)
 logits = 2 * rng.normal(size=(4, classes))
-loss, dlogits = losses.softmax_cross_entropy(logits, mixed_targets.astype(np.float64))
+loss, dlogits = layers.softmax_cross_entropy(logits, mixed_targets.astype(np.float64))
 
 
 def numerical_gradient(targets, step=1e-6):
@@ -186,24 +186,24 @@ def numerical_gradient(targets, step=1e-6):
         up, down = logits.copy(), logits.copy()
         up[index] += step
         down[index] -= step
-        gradient[index] = (float(losses.softmax_cross_entropy(up, targets)[0])
-                           - float(losses.softmax_cross_entropy(down, targets)[0])) / (2 * step)
+        gradient[index] = (float(layers.softmax_cross_entropy(up, targets)[0])
+                           - float(layers.softmax_cross_entropy(down, targets)[0])) / (2 * step)
     return gradient
 
 
 mixed64 = mixed_targets.astype(np.float64)
 numerical = numerical_gradient(mixed64)
-probabilities = np.exp(losses.log_softmax(logits))
+probabilities = np.exp(layers.log_softmax(logits))
 print(f"largest |dlogits - finite difference| with Mixup's soft targets: {np.abs(dlogits - numerical).max():.1e}")
 check(np.allclose(dlogits, numerical, rtol=1e-6, atol=1e-9) and np.allclose(dlogits, (probabilities - mixed64) / 4),
       "with soft targets dL/dz = (p - q) / B, confirmed by finite differences (float64)")
-per_image = [-(q * losses.log_softmax(logits[i:i + 1])).sum() for i, q in enumerate(mixed64)]
-split = [lam * -(smooth[i] * losses.log_softmax(logits[i:i + 1])).sum()
-         + (1 - lam) * -(smooth[3 - i] * losses.log_softmax(logits[i:i + 1])).sum() for i in range(4)]
+per_image = [-(q * layers.log_softmax(logits[i:i + 1])).sum() for i, q in enumerate(mixed64)]
+split = [lam * -(smooth[i] * layers.log_softmax(logits[i:i + 1])).sum()
+         + (1 - lam) * -(smooth[3 - i] * layers.log_softmax(logits[i:i + 1])).sum() for i in range(4)]
 check(np.allclose(per_image, split), "the loss of a mixed target is the mix of the losses of its two labels")
 # The one assumption, sum q = 1, is not decoration: targets summing to 2 break the formula.
 doubled = 2 * mixed64
-check(not np.allclose(losses.softmax_cross_entropy(logits, doubled)[1], numerical_gradient(doubled), atol=1e-6),
+check(not np.allclose(layers.softmax_cross_entropy(logits, doubled)[1], numerical_gradient(doubled), atol=1e-6),
       "for targets that do not sum to 1, (p - q) / B is NOT the gradient: Mixup's convexity is what makes it hold")
 
 

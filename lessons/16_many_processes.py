@@ -26,14 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from minimlp import create_model, losses
+from minimlp import create_model, layers
 from minimlp.parallel import distributed
 from minimlp.parallel.allreduce import BucketedMean, bucket_ranges
 from minimlp.precision import policy
 from minimlp.optim import AdamW
 from minimlp.step import train_step
 from minimlp.data.synthetic import SHAPES_CLASSES, draw_image
-from minimlp.data.normalize import normalize
+from minimlp.data.device_feed import normalize
 
 RANK_FLAG = "--as-a-rank"  # section 2 starts this file again under mpiexec with this flag and a folder
 THIS_FILE = REPO_ROOT / "lessons" / "16_many_processes.py"  # not __file__: a notebook has none
@@ -100,7 +100,7 @@ images, labels = global_batch()
 
 def gradient(model, part):
     logits = model.forward(images[part], train=True)
-    loss, dlogits = losses.cross_entropy(logits, labels[part], smoothing=0.1)
+    loss, dlogits = layers.cross_entropy(logits, labels[part], smoothing=0.1)
     model.backward(dlogits)  # OVERWRITES model.parameters.grad
     return model.parameters.grad.copy()
 

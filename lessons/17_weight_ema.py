@@ -26,14 +26,14 @@ import time
 
 import numpy as np
 
-from minimlp import create_model, losses
+from minimlp import create_model, layers
 from minimlp.training.ema import ModelEma
 from minimlp.precision import policy
 from minimlp.optim import AdamW
 from minimlp.schedule import lr_at
 from minimlp.step import train_step
 from minimlp.data.synthetic import draw_split
-from minimlp.data.normalize import normalize
+from minimlp.data.device_feed import normalize
 
 import matplotlib.pyplot as plt  # noqa: E402  (after _lesson, which chose the file-writing backend)
 
@@ -152,7 +152,7 @@ print(f"{len(train_x)} training and {len(val_x)} validation images drawn in {tim
 
 def validation():
     logits = model.forward(val_x)
-    loss, _ = losses.cross_entropy(logits, val_labels)  # no smoothing: the plain validation loss
+    loss, _ = layers.cross_entropy(logits, val_labels)  # no smoothing: the plain validation loss
     return float(loss), float((logits.argmax(axis=1) == val_labels).mean())
 
 

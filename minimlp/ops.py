@@ -1,7 +1,7 @@
 """Which implementation of each operation a model runs: chosen once, when the model is built.
 
-The reference is plain `xp` code that reads like the math: the layers of minimlp.layers, the loss of
-minimlp.losses and the optimizer update of minimlp.optim. A fast path is a module that offers some of
+The reference is plain `xp` code that reads like the math: the layers and the loss of minimlp.layers,
+and the optimizer update of minimlp.optim. A fast path is a module that offers some of
 the same functions, with the same signatures and the same results (caches included), doing the work
 in fewer passes over memory:
 
@@ -10,10 +10,10 @@ in fewer passes over memory:
 
 `select(device, dtype, fast)` starts from the reference and replaces what the device's fast module
 offers (its OPERATIONS). The one object it returns is given to the model (create_model(..., ops=), kept as
-`model.ops`), to the loss (minimlp.losses.CrossEntropy, which training and evaluation both run) and to the
+`model.ops`), to the loss (minimlp.layers.CrossEntropy, which training and evaluation both run) and to the
 optimizer (AdamW takes its update from it); nothing tests for a fast path on every call, and there is no
-global switch. The dependency runs one way: this module lists the reference functions of layers, losses
-and optim, which never import it. tests/test_fast_paths.py runs every fast operation and
+global switch. The dependency runs one way: this module lists the reference functions of layers and
+optim, which never import it. tests/test_fast_paths.py runs every fast operation and
 the reference on the same inputs.
 """
 import importlib
@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from . import layers, losses, optim
+from . import layers, optim
 
 REFERENCE = dict(
     affine_forward=layers.affine_forward, affine_backward=layers.affine_backward,
@@ -31,7 +31,7 @@ REFERENCE = dict(
     patch_embed_forward=layers.patch_embed_forward, patch_embed_backward=layers.patch_embed_backward,
     residual_forward=layers.residual_forward, residual_backward=layers.residual_backward,
     mean_pool_forward=layers.mean_pool_forward, mean_pool_backward=layers.mean_pool_backward,
-    softmax_cross_entropy=losses.softmax_cross_entropy, adamw_update=optim.adamw_update,
+    softmax_cross_entropy=layers.softmax_cross_entropy, adamw_update=optim.adamw_update,
 )
 REFERENCE_OPERATIONS = SimpleNamespace(name="reference", **REFERENCE)
 FAST_MODULES = {"gpu": "minimlp.fast.cuda_kernels", "cpu": "minimlp.fast.cpu_kernels"}

@@ -2,7 +2,7 @@
 
     optimizer = AdamW(model.parameters, model.ops, lr=5e-4, weight_decay=0.05)   # ops: minimlp.ops.select
     for step in range(total_steps):
-        loss, dlogits = criterion(model.forward(images, train=True), labels)       # minimlp.losses.CrossEntropy
+        loss, dlogits = criterion(model.forward(images, train=True), labels)       # minimlp.layers.CrossEntropy
         model.backward(dlogits)                       # overwrites model.parameters.grad
         clip_grad_norm(model.parameters, 5.0)         # optional, scales grad in place
         optimizer.lr = lr_at(step, base_lr=5e-4, total_steps=total_steps, warmup_steps=...)

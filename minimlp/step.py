@@ -12,7 +12,7 @@ In one process (sync None) backward is model.backward.
 `criterion`, when given, replaces the loss: a callable (logits, targets) -> (loss, dlogits), e.g. DeiT's
 distillation loss (minimlp.training.distillation); `smoothing` is then the criterion's business, not the step's.
 """
-from .losses import CrossEntropy
+from .layers import CrossEntropy
 from .optim import clip_grad_norm
 from .precision import autocast
 

@@ -13,7 +13,7 @@ from minimlp.data.datasets import DataError, load_datasets, load_train
 from minimlp.data.loader import Loader
 from minimlp.data.randaugment import RandAugment
 from minimlp.data.sampler import RepeatedAugmentationSampler
-from minimlp.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize
+from minimlp.data.device_feed import IMAGENET_MEAN, IMAGENET_STD, normalize
 from minimlp.data.transforms import (eval_crop_box, eval_resize_size, eval_transform, random_resized_crop_box, to_chw,
                                      train_transform)
 from minimlp.tools.pytorch_references import timm, torch, torchvision

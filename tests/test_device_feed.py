@@ -10,7 +10,7 @@ import numpy as np
 from minimlp.data import device_feed
 from minimlp.backend import to_numpy
 from minimlp.data.device_feed import DeviceFeed
-from minimlp.data.normalize import normalize
+from minimlp.data.device_feed import normalize
 
 
 def host_batches(sizes, img_size=8):
@@ -160,7 +160,7 @@ def test_gpu_feed_orders_every_access_across_its_streams(monkeypatch):
 
 
 def test_the_device_side_does_not_reach_back_into_the_pillow_side():
-    """normalize lives with the device (minimlp.data.normalize): the feed imports no Pillow transform."""
+    """normalize lives with the device (minimlp.data.device_feed): the feed imports no Pillow transform."""
     code = "import sys, minimlp.data.device_feed; print(sorted(m for m in sys.modules if m.split('.')[0] == 'PIL' " \
            "or m == 'minimlp.data.transforms'))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

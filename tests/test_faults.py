@@ -227,7 +227,7 @@ def test_a_batch_that_keeps_killing_its_worker_names_it_quickly(tmp_path):
 def test_a_worker_that_keeps_dying_stops_the_run_with_a_checkpoint_at_the_last_step(shapes, tmp_path):
     """The trainer's side: the loader gives up (WorkerDied) in the middle of epoch 1."""
     from minimlp import create_model
-    from minimlp.losses import CrossEntropy
+    from minimlp.layers import CrossEntropy
     from minimlp.optim import make_optimizer
     from minimlp.training.signals import EXIT_WORKER_DIED, Interrupted
     from minimlp.training.trainer import Trainer
@@ -508,7 +508,7 @@ def test_resume_from_best_beside_a_newer_checkpoint_is_refused(straight, tmp_pat
 
 def test_raising_epochs_on_resume_keeps_the_warmup(tmp_path):
     from minimlp import create_model
-    from minimlp.losses import CrossEntropy
+    from minimlp.layers import CrossEntropy
     from minimlp.optim import make_optimizer
     from minimlp.training.trainer import Trainer
     make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=8, size=(16, 16))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from minimlp.tools.gradcheck import numerical_gradients, relative_error
-from minimlp.losses import cross_entropy, softmax_cross_entropy
+from minimlp.layers import cross_entropy, softmax_cross_entropy
 from minimlp.tools.pytorch_references import torch
 
 F = torch.nn.functional
@@ -57,7 +57,7 @@ def test_cross_entropy_is_stable_for_huge_logits(xp, dtype):
 
 
 def test_training_and_evaluation_compute_the_loss_through_the_operations_the_model_was_given():
-    """One loss code (losses.CrossEntropy over ops.softmax_cross_entropy) for the step and for evaluation."""
+    """One loss code (layers.CrossEntropy over ops.softmax_cross_entropy) for the step and for evaluation."""
     from types import SimpleNamespace
 
     from minimlp import create_model

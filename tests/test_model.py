@@ -6,7 +6,7 @@ import pytest
 from minimlp import create_model
 from minimlp.backend import to_numpy
 from minimlp.tools.gradcheck import numerical_gradients, relative_error
-from minimlp.losses import cross_entropy
+from minimlp.layers import cross_entropy
 from minimlp.model import BLOCK_PARAMETERS, MODEL_ALIASES, block_backward, block_forward, preset_name
 from minimlp.tools.pytorch_references import timm, timm_twin, torch
 from minimlp.weights import WeightsError, is_affine, official_to_timm, timm_to_official

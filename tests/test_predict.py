@@ -11,7 +11,7 @@ import predict
 from minimlp import create_model
 from minimlp.backend import to_numpy
 from minimlp.training.checkpoint import save_checkpoint
-from minimlp.data.normalize import IMAGENET_MEAN, IMAGENET_STD
+from minimlp.data.device_feed import IMAGENET_MEAN, IMAGENET_STD
 from minimlp.data.transforms import eval_transform
 from minimlp.weights import official_to_timm
 from tests.imagetools import DEFAULT_EXTENSION, save_image

@@ -1,4 +1,4 @@
-"""Image file -> uint8 array (3, H, W), on the host (the device normalizes: minimlp.data.normalize).
+"""Image file -> uint8 array (3, H, W), on the host (the device normalizes: minimlp.data.device_feed).
 
 Decoding goes through Pillow, from any mode (RGB, L, CMYK, P, RGBA, LA, I;16, ...) to RGB. For
 training, large JPEGs are decoded at a reduced size (Pillow's draft mode: libjpeg scales by 1/2, 1/4

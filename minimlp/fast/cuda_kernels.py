@@ -172,7 +172,7 @@ def _cross_entropy_module():
 
 
 def softmax_cross_entropy(logits, target_probs):
-    """logits, target_probs (B, C) -> (loss 0-d, dlogits (B, C)), as losses.softmax_cross_entropy."""
+    """logits, target_probs (B, C) -> (loss 0-d, dlogits (B, C)), as layers.softmax_cross_entropy."""
     import cupy
     batch, classes = logits.shape
     logits = cupy.ascontiguousarray(logits)

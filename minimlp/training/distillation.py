@@ -19,7 +19,7 @@ serve both terms. The teacher never gets a gradient: its logits are an input, fr
 trainer computes them (a PyTorch teacher on the same batch, or predictions stored beforehand).
 """
 from ..backend import get_xp
-from ..losses import cross_entropy, log_softmax
+from ..layers import cross_entropy, log_softmax
 
 KINDS = ("none", "soft", "hard")
 

@@ -3,7 +3,7 @@ import numpy as np
 
 from .. import backend
 from ..data.device_feed import DeviceFeed
-from ..losses import CrossEntropy
+from ..layers import CrossEntropy
 from ..parallel.distributed import SingleProcess
 from ..precision import autocast
 from .progress import track

@@ -38,7 +38,7 @@ ERASING_STREAM, MIXUP_STREAM = 1, 2  # what a generator is for, in its seed: eac
 
 class Trainer:
     """Wires a model, its loss, an optimizer and two loaders to the loop, each built by the caller (train.py).
-    `criterion` the loss (minimlp.losses.CrossEntropy: its smoothing, 0 under Mixup/CutMix); `settings` the
+    `criterion` the loss (minimlp.layers.CrossEntropy: its smoothing, 0 under Mixup/CutMix); `settings` the
     run's configuration (train.py's parsed flags as a dict: epochs, the schedule, clip_grad, seed, save_every;
     recorded in each checkpoint); `position` where to continue (from a checkpoint); `precision` a
     minimlp.precision.policy (--amp, --amp-dtype); `erasing` a minimlp.data.random_erasing.RandomErasing
