@@ -3,13 +3,17 @@
     python predict.py photo.jpg --weights runs/X/best.npz             # a train.py checkpoint knows its classes
     python predict.py photos/ --weights resmlp_12_224.safetensors --class-names LOC_synset_mapping.txt
     python predict.py a.png b.jpg --weights W --top 3 --device gpu --json
+    python predict.py imagenet/val --weights runs/X/best.npz     # class folders: top-1/top-5 at the end
 
 The model and the evaluation transform are the ones the weights were trained with: a train.py checkpoint
 holds its model configuration, class list and settings (img_size, crop_pct); published weights (.npz or
 .safetensors, official or timm names) hold only arrays, so the model is read from their shapes (or given
 with --model) and crop_pct defaults to 0.875, as in DeiT's evaluation. Each image is resized (shorter
 side to img_size / crop_pct, bicubic) and center-cropped to img_size, from any Pillow mode. A folder is
-searched recursively for .jpg/.jpeg/.png/.webp/.bmp files (any case, not hidden ones), sorted by path.
+searched recursively for image files, as train.py finds them (minimlp.data.datasets.IMAGE_EXTENSIONS,
+torchvision's list, any case, not hidden ones), sorted by path. A folder laid out as an ImageFolder, whose
+sub-folders are all classes of a train.py checkpoint (a val/ split), labels its images: after them, one
+line gives its top-1 and top-5 accuracy.
 
 Any input a person must fix (a missing file, weights that do not fit, a class-name file of the wrong
 length) is one line on stderr, exit status 2. An unreadable image is one such line too; the other images
@@ -26,7 +30,7 @@ import numpy as np
 from minimlp import backend, create_model
 from minimlp.training.checkpoint import is_training_checkpoint, load_checkpoint
 from minimlp.training.command_line import ArgumentParser
-from minimlp.data.datasets import IMAGE_EXTENSIONS, list_images
+from minimlp.data.datasets import IMAGE_EXTENSIONS, class_folders, list_images
 from minimlp.data.loader import UNREADABLE_IMAGE_ERRORS
 from minimlp.model import PRESETS, preset_name
 from minimlp.data.device_feed import normalize
@@ -100,8 +104,10 @@ def run(args):
     labels = class_labels(args, classes, model.config["num_classes"])
     img_size = model.config["img_size"]
     print(f"{args.weights}: {describe(model.config)}; eval transform: resize to {int(img_size / crop_pct)} px, "
-          f"center crop {img_size} px (crop_pct {crop_pct}); device {device}; {len(paths)} images", file=sys.stderr)
+          f"center crop {img_size} px (crop_pct {crop_pct}); device {device}; {len(paths)} "
+          f"image{'' if len(paths) == 1 else 's'}", file=sys.stderr)
     top = min(args.top, len(labels))
+    scores = {folder: Accuracy(labels_of) for folder in args.images if (labels_of := folder_labels(folder, classes))}
     failed = 0
     for start in range(0, len(paths), args.batch_size):
         batch_paths, images = [], []
@@ -115,9 +121,49 @@ def run(args):
         if not images:
             continue
         for path, row in zip(batch_paths, probabilities(model, np.stack(images))):
-            best = np.argsort(-row, kind="stable")[:top]
-            report(path, [(labels[index], int(index), float(row[index])) for index in best], args.json)
+            ranked = np.argsort(-row, kind="stable")
+            report(path, [(labels[index], int(index), float(row[index])) for index in ranked[:top]], args.json)
+            for accuracy in scores.values():
+                accuracy.add(path, ranked)
+    for folder, accuracy in scores.items():
+        accuracy.report(folder, args.json)
     return 2 if failed else 0
+
+
+def folder_labels(folder, classes):
+    """{image path: label} of a folder laid out as an ImageFolder whose sub-folders are all among `classes` (a
+    checkpoint's); {} for any other folder, a file, or weights without classes."""
+    if classes is None or not folder.is_dir():
+        return {}
+    names = class_folders(folder)
+    if not names or any(name not in classes for name in names):
+        return {}
+    return {Path(path): classes.index(name) for name in names for path in list_images(folder / name)}
+
+
+class Accuracy:
+    """Top-1 and top-5 hits over the labelled images of one folder (labels_of: {path: label})."""
+
+    def __init__(self, labels_of):
+        self.labels_of = labels_of
+        self.hits, self.count = np.zeros(2, dtype=np.int64), 0
+
+    def add(self, path, ranked):
+        """ranked: the class indices of one image's probabilities, most probable first."""
+        if path in self.labels_of:
+            label = self.labels_of[path]
+            self.hits += [label == ranked[0], label in ranked[:5]]
+            self.count += 1
+
+    def report(self, folder, as_json):
+        if not self.count:  # every labelled image unreadable: said above, one line each
+            return
+        top1, top5 = (100 * self.hits / self.count).tolist()
+        classes = len(set(self.labels_of.values()))
+        if as_json:
+            print(json.dumps(dict(folder=str(folder), images=self.count, classes=classes, top1=top1, top5=top5)))
+        else:
+            print(f"{folder}: top-1 {top1:.2f}%  top-5 {top5:.2f}%  ({self.count} images of {classes} classes)")
 
 
 def probabilities(model, images):

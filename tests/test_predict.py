@@ -222,3 +222,37 @@ def test_an_unreadable_image_is_named_and_the_others_still_classified(tmp_path, 
     assert [result["image"] for result in json_results(out)] == [str(good)]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {broken}: not a readable image")
+
+
+def test_one_image_is_counted_in_the_singular(tmp_path, capsys):
+    weights = save_training_checkpoint(tmp_path / "best.npz", small_model())
+    status, _, err = run_predict(capsys, save_image(tmp_path / "a.jpg"), "--weights", weights)
+    assert status == 0 and err.splitlines()[0].endswith("; 1 image")
+
+
+def test_a_folder_of_class_folders_ends_with_its_top_1_and_top_5(tmp_path, capsys):
+    """An ImageFolder (val/<class>/*) whose classes are the checkpoint's: its images are labelled, and the hits of
+    the model's own ranking (reference_probabilities) are counted; a folder of other names is not labelled."""
+    classes = [f"class{index}" for index in range(8)]  # more than 5: top-5 can miss
+    model = create_model("resmlp_tiny", num_classes=len(classes), img_size=32, seed=5)
+    state = model.state_dict()
+    state["head.weight"] = np.random.default_rng(2).normal(0, 1.0, state["head.weight"].shape)
+    model.load_state_dict(state)
+    weights = save_training_checkpoint(tmp_path / "best.npz", model, classes=classes)
+    val = tmp_path / "val"
+    paths = [save_image(val / classes[index % 8] / f"{index}.png", size=(36, 36), seed=index) for index in range(24)]
+    (val / "unlabelled.png").write_bytes(save_image(tmp_path / "x.png").read_bytes())  # beside the class folders
+    ranks = [int(np.sum(reference_probabilities(model, path) > reference_probabilities(model, path)[index % 8]))
+             for index, path in enumerate(paths)]
+    top1, top5 = 100 * np.mean([rank == 0 for rank in ranks]), 100 * np.mean([rank < 5 for rank in ranks])
+    assert 0 < top1 < top5 < 100  # the counts tell hits from misses
+    status, out, _ = run_predict(capsys, val, "--weights", weights)
+    assert status == 0
+    assert out.splitlines()[-1] == f"{val}: top-1 {top1:.2f}%  top-5 {top5:.2f}%  (24 images of 8 classes)"
+    status, out, _ = run_predict(capsys, val, "--weights", weights, "--json", "--top", 1)
+    assert json_results(out)[-1] == dict(folder=str(val), images=24, classes=8, top1=pytest.approx(top1),
+                                         top5=pytest.approx(top5))
+    other = tmp_path / "other"
+    save_image(other / "dogs" / "a.png")
+    status, out, _ = run_predict(capsys, other, "--weights", weights)
+    assert status == 0 and "top-1" not in out

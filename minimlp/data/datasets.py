@@ -13,8 +13,8 @@ labelled by either
     for ILSVRC2012_val_<i>.JPEG) plus meta.mat (ILSVRC2012_ID -> wnid), in DATA, DATA/val or
     DATA/ILSVRC2012_devkit_t12/data.
 
-Image files are recognised by extension (jpg, jpeg, png, webp, bmp; any case); hidden files (names
-starting with '.', e.g. macOS '._x.jpg') and other files are ignored. Class folders are searched
+Image files are recognised by extension (IMAGE_EXTENSIONS, torchvision's ImageFolder's list; any case);
+hidden files (names starting with '.', e.g. macOS '._x.jpg') and other files are ignored. Class folders are searched
 recursively. Every problem a person can fix is a DataError whose message names the path and says
 what to do.
 """
