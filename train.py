@@ -27,6 +27,7 @@ from minimlp.data.datasets import DataError, load_datasets
 from minimlp.parallel.distributed import MPIUnavailable, connect, rank_from_environment
 from minimlp.training.distillation import KINDS as DISTILLATION_TYPES, Distillation
 from minimlp.training.ema import ModelEma
+from minimlp.data.augmentations import augmentations_line
 from minimlp.data.loader import Loader
 from minimlp.data.mixup import MODES as MIXUP_MODES, Mixup
 from minimlp.model import PRESETS, preset_name
@@ -229,7 +230,7 @@ def run(args, world):
     if description:
         print(description + f"; global batch {world.size} x {args.batch_size} = {world.size * args.batch_size}")
     if meta is not None:
-        check_compatible(args.resume, meta, vars(args), train_set.classes, args.eval_only)
+        world.together(lambda: check_compatible(args.resume, meta, vars(args), train_set.classes, args.eval_only))
     operations = select(device, "float32", args.fast)  # given to the model, the loss and the optimizer
     model = create_model(args.model, num_classes=len(train_set.classes), img_size=args.img_size,
                          patch_size=args.patch_size, drop_path=args.drop_path, device=device, seed=args.seed,
@@ -238,6 +239,8 @@ def run(args, world):
     print(f"model: {args.model}, {model.num_params() / 1e6:.2f}M parameters, {model.num_patches} patches, "
           f"{operations.name} operations; "
           f"data: {len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes")
+    if not args.eval_only:  # every augmentation that is on, whatever chose it (a flag, --data, --recipe)
+        print(augmentations_line(args))
     val_loader = Loader(val_set, args.batch_size, train=False, img_size=args.img_size, crop_pct=args.crop_pct,
                         seed=args.seed, workers=args.workers, world=world)
     if args.eval_only:
@@ -274,7 +277,7 @@ def run(args, world):
     output = args.output or (args.resume.parent if args.resume else None)
     continuing = bool(args.resume) and output is not None and output.resolve() == args.resume.parent.resolve()
     if args.resume:
-        check_not_rewinding(args.resume, meta, output)
+        world.together(lambda: check_not_rewinding(args.resume, meta, output))  # every rank refuses at once
     position = None
     if checkpoint:
         position = restore_run(args.resume, checkpoint, model, optimizer, precision, args.weight_decay, ema)

@@ -324,6 +324,24 @@ def test_the_logged_train_loss_counts_the_images_of_short_batches_over_the_ranks
 
 
 @needs_mpi
+@pytest.mark.parametrize("ranks, flags, error", [
+    (2, ["--img-size", 32], "was made with --img-size 16 (now 32): use the same settings"),  # check_compatible
+    (3, [], "error: the checkpoint's global batch of 16 images does not split over 3 ranks: start 2 or 4 ranks "
+            "(--batch-size 8 or 4 each)")])  # advice that can be followed
+def test_a_checkpoint_refused_on_every_rank_is_one_line_and_no_abort(short_batch_runs, tmp_path, ranks, flags, error):
+    _, outputs, _ = short_batch_runs
+    result = train(ranks, "--resume", outputs[0] / "checkpoint.npz", *flags, "--output", tmp_path / "run", check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count(error) == 1 and "stopping every rank" not in result.stderr, result.stderr
+
+
+def test_the_augmentations_that_are_on_are_printed_at_the_start(short_batch_runs):
+    runs = short_batch_runs[2]
+    assert [run.stdout.count("augmentations: RandomResizedCrop scale 0.5-1 ") for run in runs] == [1, 1]
+    assert "repeated augmentation (3 copies)" in runs[0].stdout  # FAST's --repeated-aug
+
+
+@needs_mpi
 def test_a_class_no_rank_can_read_is_refused_by_every_rank_at_once_with_one_warning_per_file(shapes, tmp_path):
     """Each rank sees half of a class's files: counted over the ranks, the class is found unreadable in epoch 1, as
     one process finds it; one error line, exit code 2, no abort, and each file warned once (not once per rank)."""

@@ -78,10 +78,12 @@ class Loader:
             self.sampler = sampler or ShuffleSampler(len(self.samples), seed, num_replicas=world.size, rank=world.rank)
         self.eval_order = np.arange(len(self.samples))[world.rank::world.size]
         if train and batch_size > len(self.sampler):
-            share = ("images per epoch" if world.size == 1 else
-                     f"images per epoch on each of {world.size} ranks (--batch-size is per rank)")
-            raise DataError(f"--batch-size {batch_size} is larger than the training set ({len(self.sampler)} {share}, "
-                            f"of {len(self.samples)} in {self.where}): give --batch-size {len(self.sampler)} or less.")
+            share = ("the training set", "images per epoch", "") if world.size == 1 else (
+                "each rank's share of the training set", f"images per epoch on each of {world.size} ranks",
+                " (it is per rank)")
+            raise DataError(f"--batch-size {batch_size} is larger than {share[0]} ({len(self.sampler)} {share[1]}, of "
+                            f"{len(self.samples)} in {self.where}): give --batch-size {len(self.sampler)} or less"
+                            f"{share[2]}.")
         self.world = world
         self.batch_size = batch_size
         self.train = train

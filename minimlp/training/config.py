@@ -89,7 +89,7 @@ def complete_settings(args, meta):
                 setattr(args, key, Path(value) if key == "data" else tuple(value) if key == "scale" else value)
                 if key == "batch_size":  # the same global batch over this run's number of ranks
                     args.batch_size = per_rank_batch(value * meta["settings"].get("world_size", 1), args,
-                                                     "the checkpoint's global batch")
+                                                     "the checkpoint's global batch", fixed=True)
         for key, value in BEFORE_AUGMENTATIONS.items():
             if getattr(args, key) is None and key not in meta["settings"]:
                 setattr(args, key, value)
@@ -187,12 +187,21 @@ def global_batch(args):
     return args.batch_size * world_size(args)
 
 
-def per_rank_batch(total, args, what):
-    """The per-rank --batch-size of a global batch of `total` images over this run's ranks."""
-    if total % world_size(args):
-        raise ValueError(f"{what} of {total} images does not split over {world_size(args)} ranks: give --batch-size "
-                         "(per rank), or start a number of ranks that divides it")
-    return total // world_size(args)
+def per_rank_batch(total, args, what, fixed=False):
+    """The per-rank --batch-size of a global batch of `total` images over this run's ranks. One that does not split
+    is refused naming what would: the nearest numbers of ranks that divide it, and unless the global batch is
+    `fixed` (a resumed run's), the --batch-size closest to it."""
+    ranks = world_size(args)
+    if total % ranks == 0:
+        return total // ranks
+    nearest = [max(k for k in range(1, ranks) if total % k == 0)]  # fewer ranks (1 always divides)
+    nearest += [k for k in range(ranks + 1, total + 1) if total % k == 0][:1]  # more, where there are
+    instead = (f"start {' or '.join(map(str, nearest))} ranks (--batch-size "
+               f"{' or '.join(str(total // k) for k in nearest)} each)")
+    if not fixed:
+        instead = (f"give --batch-size {total // ranks} (per rank: a global batch of {total // ranks * ranks}), or "
+                   + instead)
+    raise ValueError(f"{what} of {total} images does not split over {ranks} ranks: {instead}")
 
 
 def flag_name(key):
