@@ -11,12 +11,14 @@ stays float32. Three questions decide whether that trains as well as float32:
 
 On the CPU, minimlp emulates the float16 matmul exactly as train.py does there (operands rounded to
 float16, multiplied in float32): this lesson runs that emulation through the library's own training
-step. Pictures: lessons/out/14_rounding.png, 14_gradients.png, 14_loss_scale.png.
+step. Section 5 then trains in bfloat16, this CPU's own 16-bit type (`--amp --amp-dtype bfloat16`, the
+CPU's default): no loss scaler, and, where the CPU has bfloat16 instructions, faster products.
+Pictures: lessons/out/14_rounding.png, 14_gradients.png, 14_loss_scale.png.
 
 Run: python lessons/14_mixed_precision.py        (10-25 s on 2 busy cores)
 """
 # _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
-from _lesson import check, heading, show_figure, show_source
+from _lesson import best_of, check, heading, show_figure, show_source
 
 import numpy as np
 
@@ -56,16 +58,10 @@ with np.errstate(over="ignore"):
     check(np.float16(65519) == 65504 and np.isinf(np.float16(65520)), "65519 rounds to 65504, 65520 to inf")
 
 
-def to_bfloat16(values):
-    """float32 -> the nearest bfloat16, as float32 (round to nearest, ties to even, on the 16 bits cut off).
-
-    NumPy has no bfloat16 dtype (ml_dtypes adds one); bfloat16 is the top half of a float32, so
-    rounding the bits by hand is all it takes. (NaN handling left out: none here.)"""
-    bits = np.asarray(values, np.float32).view(np.uint32)
-    lowest_kept = (bits >> 16) & 1  # 1 when the kept part is odd: a tie then rounds up, to even
-    rounded = (bits + np.uint32(0x7FFF) + lowest_kept) & np.uint32(0xFFFF0000)
-    return rounded.view(np.float32)
-
+# NumPy has no bfloat16 dtype (ml_dtypes adds one); bfloat16 is the top half of a float32, so the library
+# rounds the bits by hand (the CPU fast path does the same inside its loops, the GPU in one kernel):
+show_source(precision.round_to_bfloat16)
+to_bfloat16 = precision.round_to_bfloat16
 
 print(f"bfloat16 of 1 + 2^-8 (a tie) = {to_bfloat16(1 + 2 ** -8)}, of 1 + 2^-8 + 2^-9 = {to_bfloat16(1 + 2 ** -8 + 2 ** -9)}"
       f", of pi = {to_bfloat16(np.pi)}, of 1e38 = {to_bfloat16(1e38):.4g}, of 1e-38 = {to_bfloat16(1e-38):.4g}")
@@ -78,7 +74,7 @@ except ImportError:
     ml_dtypes = None
     print("(ml_dtypes is not installed: the by-hand rounding is not compared with its bfloat16 type)")
 if ml_dtypes is not None:
-    samples = rng.normal(size=100_000).astype(np.float32) * np.float32(10.0) ** rng.integers(-30, 30, 100_000)
+    samples = (rng.normal(size=100_000) * 10.0 ** rng.integers(-30, 30, 100_000)).astype(np.float32)
     check((samples.astype(ml_dtypes.bfloat16).astype(np.float32) == to_bfloat16(samples)).all(),
           "the by-hand bfloat16 rounding equals ml_dtypes.bfloat16 on 100,000 values")
 
@@ -308,13 +304,58 @@ axis.legend(fontsize=8)
 show_figure(figure, "14_loss_scale.png")
 
 # ---------------------------------------------------------------------------------------------
+heading("5. bfloat16 on this CPU: no loss scaler, and the speed")
+# bfloat16 keeps float32's exponent, so section 3's problem does not arise: nothing that float32 keeps
+# flushes to zero. Its policy has no loss scaler, and the training step (shown in section 4) then skips
+# the whole `if scaler is not None` part: no scale, no finiteness check read back, no skipped step.
+bfloat16 = policy("bfloat16")
+print(bfloat16)
+check(bfloat16.loss_scaler is None and policy("float32").loss_scaler is None,
+      "float32's and bfloat16's policies have no loss scaler: the step calls nothing of them")
+# The price is precision: 8 significant bits (2^-8 relative rounding) instead of float16's 11. Section 3's
+# comparison again, at the weights section 4 trained to (lr = 0: the gradients only):
+reference = gradients_with(policy("float32"))
+errors = {}
+for label, chosen in [("float16, S = 1", Precision("float16", "float16", LossScaler(init_scale=1.0))),
+                      ("float16, S = 2^16", policy("float16")), ("bfloat16", bfloat16)]:
+    gradient = gradients_with(chosen)
+    errors[label] = [np.linalg.norm(gradient[model.parameters.slices[name]] - reference[model.parameters.slices[name]])
+                     / np.linalg.norm(reference[model.parameters.slices[name]]) for name in shown]
+print(f"{'relative error of the gradient vs float32':44s}" + "".join(f"{label:>19s}" for label in errors))
+for index, name in enumerate(shown):
+    print(f"  {name:42s}" + "".join(f"{values[index]:19.1e}" for values in errors.values()))
+check(errors["bfloat16"][fc1] < errors["float16, S = 1"][fc1] / 3,
+      "unscaled, bfloat16's fc1 gradient is several times closer to float32 than unscaled float16's (nothing flushed)")
+check(max(errors["bfloat16"]) < 4 * 2.0 ** -8,
+      "every bfloat16 gradient shown is within a few 2^-8 of float32 (its rounding, with no scale at all)")
+
+# The speed. Where the CPU has bfloat16 instructions (avx512_bf16, amx_bf16) and oneDNN is installed
+# (minimlp/fast/bf16_gemm.py), precision.matmul hands bfloat16 products to them: each product of two
+# bfloat16s is exact in float32, the hardware sums them in float32, several times the float32 rate.
+# One product of ResMLP-S12's fc1 shape at batch 8 (1568 tokens x 384 -> 1536), float32 against bfloat16:
+from minimlp.fast import bf16_gemm  # noqa: E402
+tokens, weight = rng.normal(size=(1568, 384)).astype(np.float32), rng.normal(size=(384, 1536)).astype(np.float32)
+flops = 2 * tokens.shape[0] * tokens.shape[1] * weight.shape[1]
+seconds32 = best_of(lambda: tokens @ weight)
+with precision.autocast("bfloat16"):
+    seconds16 = best_of(lambda: precision.matmul(tokens, weight))
+    product = precision.matmul(tokens, weight)
+print(f"{bf16_gemm.cpu_name()}: float32 {flops / seconds32 / 1e9:.0f} GFLOP/s, bfloat16 "
+      f"{flops / seconds16 / 1e9:.0f} GFLOP/s ({'oneDNN' if bf16_gemm.available() else 'emulated: '}"
+      f"{bf16_gemm.missing_instruction() or bf16_gemm.unavailable_reason() or ''})")
+exact = to_bfloat16(tokens).astype(np.float64) @ to_bfloat16(weight).astype(np.float64)
+check(np.abs(product - exact).max() < 1e-5 * np.abs(exact).max(),
+      "the bfloat16 product is the exact product of the rounded operands, summed in float32")
+if bf16_gemm.available():
+    check(seconds16 < seconds32, "with the CPU's bfloat16 instructions the product is faster than float32's")
+
+# ---------------------------------------------------------------------------------------------
 # Exercises (hints after the arrow)
 # 1. Rerun section 3 with a batch of 256 instead of 32. Does more or less of dy flush? -> more:
 #    dlogits = (p - q) / B shrinks with B, so every gradient behind it does too.
-# 2. Emulate bfloat16 operands: set precision._half_matmul_emulated to a function that rounds both
-#    operands with to_bfloat16, then rerun section 3's table. Is S = 1 then accurate? ->
-#    nothing flushes (float32's range) but every operand carries a 2^-8 relative error: the errors
-#    are ~8x float16's at S = 2^16, whatever S is.
+# 2. Section 5's bfloat16 errors are about 8x float16's at S = 2^16. Why 8, and would a loss scale help
+#    bfloat16? -> 2^-8 / 2^-11 = 8: the significand sets the error once nothing flushes; scaling by a
+#    power of two changes only exponents, so it leaves bfloat16's rounding exactly as it was.
 # 3. Why is the product of a float16 and a bfloat16 not always exact in float32? -> 11 + 8 = 19
 #    significant bits fit, but 2^-126 (a small bfloat16) x 2^-24 (a float16 subnormal) = 2^-150 lies
 #    below float32's smallest subnormal 2^-149: exactness needs the exponent range too.
@@ -322,4 +363,5 @@ show_figure(figure, "14_loss_scale.png")
 #    of two: multiplying by 2^-k changes only the exponent (unless the result is subnormal).
 # 5. A single inf in one bucket of a data-parallel run: why must every rank skip the step? ->
 #    otherwise the ranks' weights differ from then on; minimlp.step asks sync.all_true(finite).
-print("\nLesson 14 done: half operands, float32 sums; tiny gradients need a loss scale, and an overflow skips the step.")
+print("\nLesson 14 done: half operands, float32 sums; float16's tiny gradients need a loss scale and an overflow "
+      "skips the step; bfloat16 needs neither.")

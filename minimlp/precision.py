@@ -128,11 +128,11 @@ def round_to_bfloat16(x):
     under half of the 16 bits cut off (0x7FFF), plus 1 when the kept part is odd (a tie then rounds up, to
     even), and clear them. A carry moves into the exponent as it should (the largest float32s round to inf).
     NaN is kept as it is (the addition could carry a NaN's payload into inf)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    bits = x.view(np.uint32)
+    x = np.asarray(x, dtype=np.float32)
+    bits = x.view(np.uint32)  # the same 4 bytes read as an integer
     kept_is_odd = (bits >> 16) & np.uint32(1)
     rounded = ((bits + np.uint32(0x7FFF) + kept_is_odd) & np.uint32(0xFFFF0000)).view(np.float32)
-    return np.where(np.isnan(x), x, rounded)
+    return np.where(np.isnan(x), x, rounded)[()]  # [()]: a 0-d result as a NumPy scalar, arrays as they are
 
 
 HALF_ROUNDING = {"float16": round_to_float16, "bfloat16": round_to_bfloat16}
