@@ -24,7 +24,8 @@ from minimlp.training.checkpoint import (ResumeError, check_compatible, check_no
 from minimlp.training.command_line import ArgumentParser
 from minimlp.training.config import RECIPES, complete_settings, dataset_defaults
 from minimlp.data.datasets import DataError, load_datasets
-from minimlp.parallel.distributed import MPIUnavailable, connect, rank_from_environment
+from minimlp.parallel.distributed import MPIUnavailable, connect
+from minimlp.parallel.launcher import rank_from_environment
 from minimlp.training.distillation import KINDS as DISTILLATION_TYPES, Distillation
 from minimlp.training.ema import ModelEma
 from minimlp.data.augmentations import augmentations_line

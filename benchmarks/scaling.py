@@ -91,7 +91,7 @@ def main():
     args = parse_args()
     if args.worker:
         return worker(args)
-    from minimlp.parallel.distributed import environment_without_mpi, mpiexec
+    from minimlp.parallel.launcher import environment_without_mpi, mpiexec
     cores = os.cpu_count()
     rows = []
     for ranks in args.ranks:

@@ -29,6 +29,7 @@ import numpy as np
 from minimlp import create_model, layers
 from minimlp.parallel import distributed
 from minimlp.parallel.allreduce import BucketedMean, bucket_ranges
+from minimlp.parallel.launcher import environment_without_mpi, mpiexec
 from minimlp.precision import policy
 from minimlp.optim import AdamW
 from minimlp.step import train_step
@@ -142,7 +143,7 @@ show_source(BucketedMean.backward)
 show_source(BucketedMean.grads_ready)
 # Here this file starts itself again under `mpiexec -n 2` (run_as_a_rank, at its top): each rank
 # takes 8 of the 16 images, runs train_step(..., sync=world), and saves its gradient and weights.
-launcher = distributed.mpiexec()
+launcher = mpiexec()
 try:
     import mpi4py  # noqa: F401
 except ImportError:
@@ -157,7 +158,7 @@ else:
         old.unlink()
     command = [launcher, "-n", "2", sys.executable, str(THIS_FILE), RANK_FLAG, str(folder)]
     print(f"$ mpiexec -n 2 python {THIS_FILE.name} {RANK_FLAG} {folder}")
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=distributed.environment_without_mpi())
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment_without_mpi())
     print(result.stdout.rstrip())
     if result.returncode != 0:
         print(result.stderr[-3000:])

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minimlp import create_model  # noqa: E402
 from minimlp.data.datasets import load_datasets  # noqa: E402
 from minimlp.data.device_feed import DeviceFeed  # noqa: E402
-from minimlp.parallel.distributed import MPIWorld, launched_by_mpi, SingleProcess  # noqa: E402
+from minimlp.parallel.distributed import MPIWorld, SingleProcess  # noqa: E402
+from minimlp.parallel.launcher import launched_by_mpi  # noqa: E402
 from minimlp.data.loader import Loader  # noqa: E402
 from minimlp.precision import policy  # noqa: E402
 from minimlp.optim import AdamW  # noqa: E402

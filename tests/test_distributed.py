@@ -23,7 +23,8 @@ from minimlp import backend, create_model
 from minimlp.parallel.allreduce import BucketedMean, bucket_ranges
 from minimlp.training.checkpoint import load_checkpoint
 from minimlp.data.datasets import load_datasets
-from minimlp.parallel.distributed import OtherRankOutput, SingleProcess, environment_without_mpi, launched_by_mpi, mpiexec
+from minimlp.parallel.distributed import OtherRankOutput, SingleProcess
+from minimlp.parallel.launcher import environment_without_mpi, launched_by_mpi, mpiexec
 from minimlp.precision import policy
 from minimlp.optim import AdamW
 from minimlp.data.sampler import RepeatedAugmentationSampler
@@ -526,3 +527,12 @@ def test_nccl_buckets_on_one_gpu_average_to_the_gradient():
         cupy.cuda.get_current_stream().synchronize()
         results.append(backend.to_numpy(model.parameters.data))
     np.testing.assert_allclose(results[1], results[0], rtol=0, atol=1e-6)
+
+
+def test_ranks_compare_the_code_of_every_sub_package_and_train_py():
+    """check_same refuses ranks that run other code: the hashes cover minimlp/ and its folders, and train.py."""
+    from minimlp.parallel.distributed import source_hashes
+    hashes = source_hashes()
+    for path in ("minimlp/layers.py", "minimlp/training/trainer.py", "minimlp/data/loader.py", "train.py"):
+        assert path in hashes
+    assert "minimlp/__init__.py" in hashes and "minimlp/data/__init__.py" in hashes  # no two files under one name
