@@ -1,22 +1,24 @@
-"""Lesson 14: mixed precision. float16 and bfloat16, float32 accumulation, loss scaling, the skipped step.
+# %% [markdown]
+# # Lesson 14: mixed precision. float16 and bfloat16, float32 accumulation, loss scaling, the skipped step
+#
+# A GPU's tensor cores multiply 16-bit numbers many times faster than 32-bit ones. `train.py --amp`
+# uses them for the matrix products only: their operands are rounded to float16, the products are
+# summed in float32, and everything else (weights, optimizer moments, elementwise layers, the loss)
+# stays float32. Three questions decide whether that trains as well as float32:
+#
+# 1. what a 16-bit float keeps and loses               (mantissa bits, exponent range)
+# 2. why the products must be summed in float32       (and why that costs nothing extra)
+# 3. what happens to small gradients                  (they underflow; loss scaling lifts them)
+#
+# On the CPU, minimlp emulates the float16 matmul exactly as train.py does there (operands rounded to
+# float16, multiplied in float32): this lesson runs that emulation through the library's own training
+# step. Section 5 then trains in bfloat16, this CPU's own 16-bit type (`--amp --amp-dtype bfloat16`, the
+# CPU's default): no loss scaler, and, where the CPU has bfloat16 instructions, faster products.
+# Pictures: lessons/out/14_rounding.png, 14_gradients.png, 14_loss_scale.png.
+#
+# Run: python lessons/14_mixed_precision.py        (10-25 s on 2 busy cores)
 
-A GPU's tensor cores multiply 16-bit numbers many times faster than 32-bit ones. `train.py --amp`
-uses them for the matrix products only: their operands are rounded to float16, the products are
-summed in float32, and everything else (weights, optimizer moments, elementwise layers, the loss)
-stays float32. Three questions decide whether that trains as well as float32:
-
-    1. what a 16-bit float keeps and loses               (mantissa bits, exponent range)
-    2. why the products must be summed in float32       (and why that costs nothing extra)
-    3. what happens to small gradients                  (they underflow; loss scaling lifts them)
-
-On the CPU, minimlp emulates the float16 matmul exactly as train.py does there (operands rounded to
-float16, multiplied in float32): this lesson runs that emulation through the library's own training
-step. Section 5 then trains in bfloat16, this CPU's own 16-bit type (`--amp --amp-dtype bfloat16`, the
-CPU's default): no loss scaler, and, where the CPU has bfloat16 instructions, faster products.
-Pictures: lessons/out/14_rounding.png, 14_gradients.png, 14_loss_scale.png.
-
-Run: python lessons/14_mixed_precision.py        (10-25 s on 2 busy cores)
-"""
+# %%
 # _lesson first: it puts the repository on the import path and sets BLAS threads before numpy loads
 from _lesson import best_of, check, heading, show_figure, show_source
 
@@ -34,18 +36,25 @@ import matplotlib.pyplot as plt  # noqa: E402  (after _lesson, which chose the f
 
 rng = np.random.default_rng(0)
 
-# ---------------------------------------------------------------------------------------------
-heading("1. What float16 and bfloat16 keep: mantissa bits and exponent range")
+
+# %% [markdown]
+# ## 1. What float16 and bfloat16 keep: mantissa bits and exponent range
+#
 # A float is sign * 1.mantissa * 2^exponent. The mantissa bits set the precision (eps = 2^-bits is
 # the gap after 1.0), the exponent bits the range:
-#                 exponent  mantissa   eps          smallest normal   largest
+#
+#     exponent  mantissa   eps          smallest normal   largest
 #     float32        8        23      2^-23         2^-126 ~ 1e-38    ~ 3.4e38
 #     float16        5        10      2^-10         2^-14  ~ 6.1e-5   65504
 #     bfloat16       8         7      2^-7          2^-126 ~ 1e-38    ~ 3.4e38
+#
 # bfloat16 is float32 with its last 16 bits cut off: float32's range, 3 fewer mantissa bits than
 # float16. float16 trades range for precision. Below its smallest normal float16 still has
 # "subnormal" numbers (0.mantissa * 2^-14, evenly spaced by 2^-24 ~ 6e-8), with fewer and fewer
 # significant bits; below half of 2^-24 a value rounds to 0.
+
+# %%
+heading("1. What float16 and bfloat16 keep: mantissa bits and exponent range")
 half = np.finfo(np.float16)
 print(f"float16: eps {half.eps} = 2^{np.log2(half.eps):.0f}, smallest normal {half.smallest_normal:.3g}, "
       f"smallest subnormal {half.smallest_subnormal:.3g}, max {half.max}")
@@ -101,7 +110,11 @@ in_range = (magnitudes > 1e-4) & (magnitudes < 6e4)
 check(error16[in_range].max() <= 2.0 ** -11 and errorbf[in_range].max() <= 2.0 ** -8,
       "in float16's normal range the relative error is at most 2^-11 (float16) and 2^-8 (bfloat16): half an eps")
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 2. A matmul with half operands and float32 accumulation
+
+# %%
 heading("2. A matmul with half operands and float32 accumulation")
 show_source(precision.matmul)
 show_source(precision._half_matmul_emulated)
@@ -145,12 +158,17 @@ print(f"autocast matmul: dtype {ours.dtype}, error (relative to the largest entr
 check(ours.dtype == np.float32 and error_ours < 1e-5, "autocast's matmul returns float32, within float32 rounding of the exact product")
 check(error16 > 100 * error32, "the same products summed in float16 are 100x (and more) less accurate than in float32")
 
-# ---------------------------------------------------------------------------------------------
-heading("3. Why gradients underflow in float16")
+
+# %% [markdown]
+# ## 3. Why gradients underflow in float16
+#
 # Every matrix product of the model goes through precision.matmul (minimlp.layers imports it). To see
 # what the backward pass would hand to float16, we listen to it: a stand-in for layers.matmul that
 # records its operands, then calls the real one. One float32 forward and backward of resmlp_tiny
 # (dim 128, 6 blocks, 64 patches of 4x4 px) on 32 shapes10 images.
+
+# %%
+heading("3. Why gradients underflow in float16")
 labels = np.arange(32) % len(SHAPES_CLASSES)
 images = normalize(np.stack([draw_image(SHAPES_CLASSES[label], np.random.default_rng([14, index]))
                              for index, label in enumerate(labels)]).transpose(0, 3, 1, 2))
@@ -252,7 +270,11 @@ right.set_ylabel("relative error of the weight gradient vs float32")
 right.legend(fontsize=8)
 show_figure(figure, "14_gradients.png")
 
-# ---------------------------------------------------------------------------------------------
+
+# %% [markdown]
+# ## 4. Dynamic loss scaling and the skipped step
+
+# %%
 heading("4. Dynamic loss scaling and the skipped step")
 show_source(LossScaler.unscale)
 show_source(LossScaler.update)
@@ -303,11 +325,16 @@ axis.set_ylabel("log2 of the loss scale S")
 axis.legend(fontsize=8)
 show_figure(figure, "14_loss_scale.png")
 
-# ---------------------------------------------------------------------------------------------
-heading("5. bfloat16 on this CPU: no loss scaler, and the speed")
+
+# %% [markdown]
+# ## 5. bfloat16 on this CPU: no loss scaler, and the speed
+#
 # bfloat16 keeps float32's exponent, so section 3's problem does not arise: nothing that float32 keeps
 # flushes to zero. Its policy has no loss scaler, and the training step (shown in section 4) then skips
 # the whole `if scaler is not None` part: no scale, no finiteness check read back, no skipped step.
+
+# %%
+heading("5. bfloat16 on this CPU: no loss scaler, and the speed")
 bfloat16 = policy("bfloat16")
 print(bfloat16)
 check(bfloat16.loss_scaler is None and policy("float32").loss_scaler is None,
@@ -349,8 +376,10 @@ check(np.abs(product - exact).max() < 1e-5 * np.abs(exact).max(),
 if bf16_gemm.available():
     check(seconds16 < seconds32, "with the CPU's bfloat16 instructions the product is faster than float32's")
 
-# ---------------------------------------------------------------------------------------------
-# Exercises (hints after the arrow)
+
+# %% [markdown]
+# ## Exercises (hints after the arrow)
+#
 # 1. Rerun section 3 with a batch of 256 instead of 32. Does more or less of dy flush? -> more:
 #    dlogits = (p - q) / B shrinks with B, so every gradient behind it does too.
 # 2. Section 5's bfloat16 errors are about 8x float16's at S = 2^16. Why 8, and would a loss scale help
@@ -363,5 +392,7 @@ if bf16_gemm.available():
 #    of two: multiplying by 2^-k changes only the exponent (unless the result is subnormal).
 # 5. A single inf in one bucket of a data-parallel run: why must every rank skip the step? ->
 #    otherwise the ranks' weights differ from then on; minimlp.step asks sync.all_true(finite).
+
+# %%
 print("\nLesson 14 done: half operands, float32 sums; float16's tiny gradients need a loss scale and an overflow "
       "skips the step; bfloat16 needs neither.")

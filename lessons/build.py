@@ -39,7 +39,8 @@ def execute(lesson):
     it ran to its end)."""
     notebook = jupytext.read(lesson)
     client = NotebookClient(notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S,
-                            resources={"metadata": {"path": str(LESSONS_DIR)}})
+                            resources={"metadata": {"path": str(LESSONS_DIR)}},
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])  # not its warning about TCP
     try:
         client.execute()
     except CellExecutionError as error:
