@@ -40,15 +40,17 @@ def shapes(tmp_path_factory):
 
 
 @requires_gpu
-@pytest.mark.parametrize("amp", [[], ["--amp"]], ids=["float32", "amp"])
+@pytest.mark.parametrize("amp", [[], ["--amp"], ["--amp", "--amp-dtype", "bfloat16"]],
+                         ids=["float32", "amp", "bfloat16"])
 def test_the_demo_trains_on_the_gpu(tmp_path, amp):
-    """`python train.py --device gpu` (the embedded demo), one epoch: it learns and reports GPU memory."""
+    """`python train.py --device gpu` (the embedded demo), one epoch: it learns and reports GPU memory; --amp is
+    float16 on the GPU (loss scaling: skipped steps logged), bfloat16 has no loss scaler."""
     result = train("--device", "gpu", "--epochs", 1, "--output", tmp_path, *amp)
     assert "device: gpu (TF32 matmuls on)" in result.stdout
     record = read_log(tmp_path)[0]
     assert record["train_loss"] < np.log(10) and record["val_top1"] > 10  # better than chance on 10 classes
     assert 0 < record["peak_gpu_mem_gb"] < 80
-    assert ("skipped_steps" in record) == bool(amp)
+    assert ("skipped_steps" in record) == (amp == ["--amp"])
 
 
 class Samples:
@@ -59,12 +61,13 @@ class Samples:
 
 
 @requires_gpu
-@pytest.mark.parametrize("amp", [False, True], ids=["float32", "amp"])
-def test_imagenet_shaped_steps_match_the_cpu(tmp_path, amp):
+@pytest.mark.parametrize("precision_name", ["float32", "float16", "bfloat16"])
+def test_imagenet_shaped_steps_match_the_cpu(tmp_path, precision_name):
     """ResMLP-S12, 224 px, 1000 classes, generated JPEGs: three steps on the GPU give the CPU's losses.
 
     TF32 is off in this process (CUPY_TF32 unset: CuPy's default), so both devices compute in float32 and
-    differ only in the order of additions. With amp, the GPU's cuBLAS float16 GEMM meets the CPU's emulation."""
+    differ only in the order of additions. In float16 the GPU's cuBLAS float16 GEMM meets the CPU's emulation; in
+    bfloat16 cuBLAS's bfloat16 GEMM meets the CPU's (oneDNN where installed), the same roundings of the operands."""
     assert os.environ.get("CUPY_TF32", "0") == "0", "run this test with TF32 off (CUPY_TF32 unset or 0)"
     rng = np.random.default_rng(0)
     samples = [(save_image(tmp_path / f"img{i}.JPEG", size=(256 + 8 * i, 200), seed=i), int(rng.integers(1000)))
@@ -73,14 +76,15 @@ def test_imagenet_shaped_steps_match_the_cpu(tmp_path, amp):
     losses = {}
     for device in ("cpu", "gpu"):
         model = create_model("resmlp_s12", device=device, seed=0, drop_path=0.05)
-        optimizer, precision = AdamW(model.parameters, model.ops, lr=5e-4), policy("float16" if amp else "float32")
+        optimizer, precision = AdamW(model.parameters, model.ops, lr=5e-4), policy(precision_name)
         losses[device] = [float(train_step(model, optimizer, x, y, 5e-4, precision, smoothing=0.1)[0])
                           for x, y in DeviceFeed(device, model.dtype).batches(loader.epoch(0))]
     assert len(losses["gpu"]) == 3
     # step 1: the same weights and images, float32 sums in another order; later steps: after AdamW updates,
     # whose first steps are lr * sign(g) and so amplify the tiny differences of near-zero gradients
-    np.testing.assert_allclose(losses["gpu"][0], losses["cpu"][0], rtol=1e-3 if amp else 1e-5)
-    np.testing.assert_allclose(losses["gpu"], losses["cpu"], rtol=3e-3 if amp else 1e-3)
+    first, later = dict(float32=(1e-5, 1e-3), float16=(1e-3, 3e-3), bfloat16=(3e-3, 1e-2))[precision_name]
+    np.testing.assert_allclose(losses["gpu"][0], losses["cpu"][0], rtol=first)
+    np.testing.assert_allclose(losses["gpu"], losses["cpu"], rtol=later)
 
 
 @pytest.mark.parametrize("first, then", [
