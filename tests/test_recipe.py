@@ -14,7 +14,7 @@ import pytest
 import train as train_script
 from minimlp import create_model
 from minimlp.training.checkpoint import load_checkpoint
-from minimlp.training.config import LARGE_DATASET, complete_settings, dataset_defaults
+from minimlp.training.config import LARGE_DATASET, DataFacts, complete_settings, dataset_defaults
 from minimlp.data.synthetic import ensure_shapes_dataset
 from minimlp.training.teacher import load_teacher
 from minimlp.weights import WeightsError
@@ -45,12 +45,19 @@ def shapes3(tmp_path_factory):
     return data
 
 
-def settings(*argv, meta=None, num_train=None):
+def facts_of(num_train, image_side=224, device="cpu", memory_bytes=1e12, num_classes=10):
+    """What the derived defaults see of a dataset, without one: its size, its images' typical side, the device."""
+    facts = DataFacts([("image.png", 0)] * num_train, num_classes, 100, device)
+    facts.image_side, facts.memory_bytes = image_side, memory_bytes
+    return facts
+
+
+def settings(*argv, meta=None, num_train=None, **facts):
     """train.py's flags completed as a run completes them -> (args, the lines it prints)."""
     args = train_script.parse_args([str(value) for value in argv])
     lines = complete_settings(args, meta)
     if num_train is not None:
-        lines += dataset_defaults(args, num_train)
+        lines += dataset_defaults(args, facts_of(num_train, **facts))
     return args, lines
 
 
@@ -66,7 +73,7 @@ def test_recipe_sets_every_value_of_the_paper_and_explicit_flags_win(tmp_path):
                  scale=(0.08, 1.0), amp=False)
     assert {key: getattr(args, key) for key in paper} == paper
     assert lines[0].startswith("recipe resmlp-s12") and "--opt lamb" in lines[0] and "--mixup 0.8" in lines[0]
-    assert dataset_defaults(args, 1000) == []  # the recipe leaves nothing to derive
+    assert dataset_defaults(args, facts_of(1000)) == []  # the recipe leaves nothing to derive
     args, lines = settings("--data", tmp_path, "--recipe", "resmlp-s12", "--batch-size", 256, "--mixup", 0)
     assert args.batch_size == 256 and args.mixup == 0 and args.cutmix == 1.0
     assert args.lr == pytest.approx(5e-3 * 256 / 2048)  # the paper's rate for its batch, scaled linearly

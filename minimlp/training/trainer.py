@@ -43,11 +43,12 @@ class Trainer:
     recorded in each checkpoint); `position` where to continue (from a checkpoint); `precision` a
     minimlp.precision.policy (--amp, --amp-dtype); `erasing` a minimlp.data.random_erasing.RandomErasing
     (--reprob), `mixup` a minimlp.data.mixup.Mixup (--mixup/--cutmix); `ema` a minimlp.training.ema.ModelEma
-    (--model-ema); `distillation` a minimlp.training.distillation.Distillation (--distillation-type soft/hard)."""
+    (--model-ema); `distillation` a minimlp.training.distillation.Distillation (--distillation-type soft/hard);
+    `run_estimate` a minimlp.training.estimates.RunTimeEstimate, told of every step (after_step)."""
 
     def __init__(self, model, criterion, optimizer, train_loader, val_loader, classes, settings, output,
                  position=None, precision=policy("float32"), erasing=None, mixup=None, ema=None, distillation=None,
-                 world=SingleProcess()):
+                 world=SingleProcess(), run_estimate=None):
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
         self.world = world  # data parallel (minimlp.parallel.distributed): rank 0 writes; gradients, losses, stops agreed
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -71,6 +72,7 @@ class Trainer:
                                                   self.total_steps - 1))
         self.warmup_steps = min(self.position["warmup_steps"], self.total_steps - 1)
         self.signals = StopSignals()
+        self.run_estimate = run_estimate  # says how long the run will take, after its first steps
         self.save_every = 60 * (settings.get("save_every") or 0)  # seconds between checkpoints inside an epoch
         self.last_save = time.monotonic()
 
@@ -142,6 +144,8 @@ class Trainer:
             p["batch"] += 1
             p["global_step"] += 1
             p["seconds"] = seconds_before + time.perf_counter() - started
+            if self.run_estimate is not None:
+                self.run_estimate.after_step(p["global_step"])
             if self.model.device == "gpu":
                 self.peak_gpu_bytes = max(self.peak_gpu_bytes, backend.gpu_memory_held_bytes())
             postfix = {}
