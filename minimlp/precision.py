@@ -144,7 +144,8 @@ def _half_matmul_emulated(a, b, dtype):
     # the operands and multiplying in float32 gives what a tensor core gives, up to the order of the float32
     # additions. Values beyond float16's range become inf, as on the GPU: that is the loss scaler's signal.
     rounded = HALF_ROUNDING[dtype]
-    return rounded(a) @ rounded(b)
+    with np.errstate(over="ignore", invalid="ignore"):  # inf * 0 = NaN in an overflowed product: expected too
+        return rounded(a) @ rounded(b)
 
 
 def _half_matmul_cublas(a, b, dtype):
