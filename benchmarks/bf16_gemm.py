@@ -2,12 +2,14 @@
 
     python benchmarks/bf16_gemm.py                  # S12 at batch 32 and resmlp_tiny at batch 128, 7 rounds
     python benchmarks/bf16_gemm.py --rounds 15 --torch
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python benchmarks/bf16_gemm.py --cpu-time   # one core, on a busy machine
 
 Every product of a training step (forward, the gradient of the input, the weight gradient), with its
 operands laid out as the model passes them (`w.T` and `dy.T` are transposed views), timed in:
   - NumPy float32 (OpenBLAS), the float32 step's own products;
-  - oneDNN 3.2 matmul (wheel onednn-cpu-gomp), as minimlp.fast.bf16_gemm calls it: B reordered into
-    oneDNN's blocked layout at every call ("blocked", the default), or read in its own strides ("plain");
+  - oneDNN 3.2 matmul (wheel onednn-cpu-gomp), as minimlp.fast.bf16_gemm calls it ("oneDNN": the layout it
+    chooses for the shape), and in each of its two layouts: B reordered into oneDNN's blocked layout at every
+    call ("blocked"), or read in its own strides ("plain");
   - MKL's cblas_gemm_bf16bf16f32 (wheel mkl, when installed: its libmkl_rt is looked for under <prefix>/lib,
     or give --mkl-lib), plain, and with B packed by cblas_gemm_bf16bf16f32_pack at every call ("packB"),
     and with B packed once beforehand ("prepacked", what a weight reused many times would cost);
@@ -15,7 +17,10 @@ operands laid out as the model passes them (`w.T` and `dy.T` are transposed view
 All take bfloat16 operands and return float32 (NumPy: float32 operands). Interleaved: each round times
 every library on every shape once (two calls each), so a neighbour's load falls on all of them alike;
 the table gives the medians over the rounds, and the last column the median of the rounds' ratios
-of oneDNN (blocked) to the best MKL variant that is paid at every call. A benchmark: it asserts nothing.
+of oneDNN (as minimlp calls it) to the best MKL variant that is paid at every call. --cpu-time times with the
+process's CPU time instead of the clock: with one thread per library (the environment above), what
+other programs on the machine take from it then counts less (a second thread would add the time it
+spends waiting). A benchmark: it asserts nothing.
 """
 import argparse
 import ctypes
@@ -130,6 +135,7 @@ def contenders(m, k, n, a_transposed, b_transposed, mkl, torch, rng):
     a16, b16 = a32.astype(bf16_gemm.BFLOAT16), b32.astype(bf16_gemm.BFLOAT16)  # astype keeps the layout
     out = np.empty((m, n), np.float32)
     calls = {"NumPy f32": lambda: np.matmul(a32, b32, out=out),
+             "oneDNN": lambda: bf16_gemm.matmul(a16, b16, out),  # the layout bf16_gemm chooses, as the model runs
              "oneDNN blocked": lambda: bf16_gemm.matmul(a16, b16, out, layout="blocked"),
              "oneDNN plain": lambda: bf16_gemm.matmul(a16, b16, out, layout="plain")}
     if mkl is not None:
@@ -152,6 +158,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--mkl-lib", help="path of libmkl_rt.so (default: the mkl wheel's, under <prefix>/lib)")
     parser.add_argument("--torch", action="store_true", help="PyTorch's bfloat16 matmul too")
+    parser.add_argument("--cpu-time", action="store_true", help="time with the process's CPU time (one thread each)")
     args = parser.parse_args()
     reason = bf16_gemm.unavailable_reason()
     if reason:
@@ -168,19 +175,22 @@ def main():
     for _, _, calls in cases:  # warm-up: plans, packing buffers, first-touch pages
         for call in calls.values():
             call()
+    clock = time.process_time if args.cpu_time else time.perf_counter
     for _ in range(args.rounds):
         for row, shape, calls in cases:
             for library, call in calls.items():
-                started = time.perf_counter()
+                started = clock()
                 call()
                 call()
-                seconds[(shape[0], row, library)].append((time.perf_counter() - started) / 2)
+                seconds[(shape[0], row, library)].append((clock() - started) / 2)
 
     print(f"CPU: {cpu_line()}")
     print(f"oneDNN {bf16_gemm.version()} ({next(iter(bf16_gemm._plans.values())).implementation}); "
           f"MKL: {mkl.version if mkl else 'not installed (pip install mkl, or --mkl-lib)'}; "
           f"{'torch ' + torch.__version__ if torch else 'torch not measured (--torch)'}")
-    print(f"GFLOP/s (2*M*N*K / s), median of {args.rounds} interleaved rounds of 2 calls each")
+    threads = os.environ.get("OMP_NUM_THREADS", f"{os.cpu_count()} (all cores)")
+    print(f"GFLOP/s (2*M*N*K / s of {'CPU time' if args.cpu_time else 'the clock'}), median of {args.rounds} "
+          f"interleaved rounds of 2 calls each; OMP_NUM_THREADS {threads}")
     per_call = [name for name in ("MKL plain", "MKL packB") if name in libraries]
     header = f"{'product':33s} {'M x K x N':>17s} " + " ".join(f"{name:>14s}" for name in libraries)
     print(header + ("  oneDNN/MKL" if per_call else ""))
@@ -190,7 +200,7 @@ def main():
         rates = [flops / statistics.median(seconds[(name, row, library)]) / 1e9 for library in libraries]
         line = f"{row + ' ' + name:33s} {f'{m}x{k}x{n}':>17s} " + " ".join(f"{rate:14.0f}" for rate in rates)
         if per_call:
-            ours = seconds[(name, row, "oneDNN blocked")]
+            ours = seconds[(name, row, "oneDNN")]
             best_mkl = [min(seconds[(name, row, library)][i] for library in per_call) for i in range(args.rounds)]
             line += f"  {statistics.median(b / o for o, b in zip(ours, best_mkl)):9.2f}x"
         print(line)
