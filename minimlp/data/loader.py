@@ -168,9 +168,10 @@ class Loader:
                 write(f"warning: {path}: {note}")
 
     def report(self, failures):
-        """failures [(path, label, reason)]: this rank's, and with them every rank's (world.collect: the same list
-        on every rank). Warn once per new unreadable file (rank 0) and remember it in self.skipped; DataError,
-        on every rank at once (world.together: no abort), when no file of a class can be read."""
+        """failures [(path, label, reason)]: the unreadable files this rank found; world.collect adds the other
+        ranks' (the same list on every rank). Each new one is warned once (by rank 0) and remembered in
+        self.skipped; DataError on every rank at once (world.together: no abort) when no file of a class can
+        be read."""
         found = {}
         for path, label, reason in self.world.collect(failures):
             if path not in self.skipped and path not in found:  # with --repeated-aug, two ranks can meet a file
@@ -179,6 +180,7 @@ class Loader:
             self.world.together(lambda: self.count_unreadable(found))
 
     def count_unreadable(self, found):
+        """found: {path: (label, reason)} of files not seen before, the same on every rank."""
         for path, (label, reason) in found.items():
             self.skipped.append(path)
             if self.world.is_writer:
