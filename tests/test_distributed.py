@@ -336,6 +336,15 @@ def test_a_checkpoint_refused_on_every_rank_is_one_line_and_no_abort(short_batch
     assert result.stderr.count(error) == 1 and "stopping every rank" not in result.stderr, result.stderr
 
 
+@needs_mpi
+def test_a_batch_larger_than_a_ranks_share_is_one_line_naming_a_batch_that_works(shapes, tmp_path):
+    result = train(2, "--data", shapes, *FAST, "--batch-size", 48, "--output", tmp_path / "run", check=False)
+    assert result.returncode == 2, result.stderr
+    error = (f"error: --batch-size 48 is larger than each rank's share of the training set (40 images per epoch on "
+             f"each of 2 ranks, of 80 in {shapes / 'train'}): give --batch-size 40 or less (it is per rank).")
+    assert result.stderr.count(error) == 1 and "stopping every rank" not in result.stderr, result.stderr
+
+
 def test_the_augmentations_that_are_on_are_printed_at_the_start(short_batch_runs):
     runs = short_batch_runs[2]
     assert [run.stdout.count("augmentations: RandomResizedCrop scale 0.5-1 ") for run in runs] == [1, 1]
