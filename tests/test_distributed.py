@@ -178,6 +178,19 @@ def test_ranks_erase_their_places_of_the_global_batch_and_draw_their_own_mixup()
     assert mixups[0] != mixups[1]
 
 
+def test_a_global_batch_that_does_not_split_over_the_ranks_names_what_would():
+    from minimlp.training.config import per_rank_batch
+    three_ranks = SimpleNamespace(world_size=3)
+    assert per_rank_batch(2049, three_ranks, "--recipe's batch") == 683
+    with pytest.raises(ValueError, match=r"--recipe resmlp-s12's batch of 2048 images does not split over 3 ranks: "
+                                         r"give --batch-size 682 \(per rank: a global batch of 2046\), or start 2 or 4 "
+                                         r"ranks \(--batch-size 1024 or 512 each\)$"):
+        per_rank_batch(2048, three_ranks, "--recipe resmlp-s12's batch")
+    with pytest.raises(ValueError, match=r"global batch of 7 images does not split over 8 ranks: start 7 ranks "
+                                         r"\(--batch-size 1 each\)$"):  # no more ranks divide it
+        per_rank_batch(7, SimpleNamespace(world_size=8), "the checkpoint's global batch", fixed=True)
+
+
 def test_other_ranks_print_only_warnings_and_keep_their_last_line():
     import io
     real = io.StringIO()
