@@ -105,7 +105,7 @@ SETTINGS = [
       data=rules.choose_model),
     S("img_size", "input resolution", type=int, aliases=("--input-size",), demo=32, data=rules.choose_img_size,
       check=AT_LEAST_1),
-    S("patch_size", "patch size", type=int, default_text="the preset's: " + ", ".join(
+    S("patch_size", "patch size", type=int, check=AT_LEAST_1, default_text="the preset's: " + ", ".join(
         f"{PRESETS[name]['patch_size']} {name}" for name in PRESETS)),
     S("crop_pct", "eval: resize to img_size/crop_pct then center crop (paper 0.9)", type=float, default=0.875,
       check=POSITIVE),
