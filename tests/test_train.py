@@ -216,3 +216,39 @@ def test_corrupt_image_is_skipped_and_named(tmp_path):
     result = train("--data", data, "--epochs", 1, "--output", tmp_path / "run", *TINY, "--batch-size", 4,
                    "--workers", 0)
     assert f"skipping unreadable image {broken}" in result.stderr
+
+
+def test_the_trainer_runs_the_erasing_mixup_and_criterion_it_is_given(tmp_path):
+    """train.py builds the augmentations and the loss; the trainer applies them in DeiT's order, then steps."""
+    from minimlp.data.datasets import load_datasets
+    from minimlp.data.loader import Loader
+    from minimlp.layers import CrossEntropy
+    from minimlp.optim import make_optimizer
+    from minimlp.training.trainer import Trainer
+    make_image_folder(tmp_path / "data", classes=("a", "b", "c"), per_class=4, size=(16, 16))
+    train_set, _ = load_datasets(tmp_path / "data")
+    loader = Loader(train_set, 4, train=True, img_size=16, workers=0)
+    model = create_model("resmlp_tiny", num_classes=3, img_size=16, depth=1)
+    seen = []
+
+    def erasing(images, generators):
+        seen.append(("erasing", len(generators)))
+        return images
+
+    def mixup(images, labels, generator):
+        seen.append(("mixup", labels.ndim))
+        return images, np.eye(3)[labels]  # soft targets
+
+    class Recording(CrossEntropy):
+        def __call__(self, logits, targets):
+            seen.append(("criterion", targets.shape, self.smoothing))
+            return super().__call__(logits, targets)
+
+    settings = dict(epochs=1, warmup_epochs=0, lr=1e-3, min_lr=1e-5, warmup_lr=1e-6, clip_grad=0.0, seed=0)
+    optimizer = make_optimizer("adamw", model.parameters, model.ops, 1e-3, 0.05)
+    trainer = Trainer(model, Recording(model.ops, 0.0), optimizer, loader, loader, train_set.classes, settings, tmp_path,
+                      erasing=erasing, mixup=mixup)
+    images, labels = next(trainer.feed.batches(loader.epoch(0)))
+    loss = trainer.learn_from_batch(images, labels)
+    assert seen == [("erasing", 4), ("mixup", 1), ("criterion", (4, 3), 0.0)] and np.isfinite(float(loss))
+    assert trainer.optimizer.step_count == 1

@@ -214,8 +214,9 @@ class Trainer:
             x = self.erasing(x, self.image_generators(ERASING_STREAM, len(y)))
         if self.mixup is not None:
             x, y = self.mixup(x, y, self.mixup_generator())
-        criterion = (self.criterion if self.distillation is None else  # the teacher sees the very batch the student does
-                     self.distillation.criterion_for(x, self.criterion.smoothing))
+        criterion = self.criterion
+        if self.distillation is not None:  # the teacher sees the very batch the student does
+            criterion = self.distillation.criterion_for(x, self.criterion.smoothing)
         scale = self.scaler.scale if self.scaler else None
         loss, finite = train_step(self.model, self.optimizer, x, y, self.learning_rate(self.position["global_step"]),
                                   self.precision, clip_grad=self.settings["clip_grad"], criterion=criterion,
