@@ -141,7 +141,7 @@ class TinyRun:
         self.optimizer = AdamW(self.model.parameters, self.model.ops, lr=1e-3)
         self.precision = precision
 
-    def train_step(self, images, labels):
+    def take_step(self, images, labels):
         loss, taken = train_step(self.model, self.optimizer, images, labels, 1e-3, self.precision, smoothing=0.1,
                                  clip_grad=1.0)
         return float(loss), taken
@@ -156,11 +156,11 @@ def test_a_float16_step_with_overflowing_gradients_is_skipped_and_the_next_one_t
     trainer = TinyRun(Precision("float16", "float16", LossScaler(init_scale=2.0 ** 40)))  # S * grads > 65504
     model, scaler = trainer.model, trainer.precision.loss_scaler
     before = model.parameters.data.copy()
-    assert trainer.train_step(*batch(0))[1] is False
+    assert trainer.take_step(*batch(0))[1] is False
     assert scaler.skipped_steps == 1 and scaler.scale == 2.0 ** 39
     assert (model.parameters.data == before).all() and trainer.optimizer.step_count == 0
     scaler.scale = 2.0 ** 10
-    assert trainer.train_step(*batch(0))[1] is True
+    assert trainer.take_step(*batch(0))[1] is True
     assert trainer.optimizer.step_count == 1 and (model.parameters.data != before).any()
 
 
@@ -172,7 +172,7 @@ def test_a_bfloat16_step_is_never_skipped():
     for name, taken in [("float16", False), ("bfloat16", True)]:
         trainer = TinyRun(policy(name))
         with np.errstate(all="ignore"):
-            assert trainer.train_step(images, labels)[1] is taken
+            assert trainer.take_step(images, labels)[1] is taken
             assert not np.isfinite(trainer.model.parameters.grad).all()
         assert trainer.optimizer.step_count == int(taken)
 
@@ -189,7 +189,7 @@ def test_float32_and_bfloat16_steps_call_nothing_of_loss_scaling(name, monkeypat
             called.append(frame.f_code)
     sys.setprofile(record)
     try:
-        trainer.train_step(*batch(0))
+        trainer.take_step(*batch(0))
     finally:
         sys.setprofile(None)
     assert trainer.optimizer.step_count == 1 and called
@@ -230,7 +230,7 @@ def test_half_precision_steps_follow_float32_steps(name, tolerance):
     losses = {}
     for precision in ("float32", name):
         trainer = TinyRun(policy(precision))
-        losses[precision] = [trainer.train_step(*batch(step % 3))[0] for step in range(10)]
+        losses[precision] = [trainer.take_step(*batch(step % 3))[0] for step in range(10)]
         assert trainer.optimizer.step_count == 10  # none skipped
     np.testing.assert_allclose(losses[name], losses["float32"], rtol=tolerance)
     assert losses[name] != losses["float32"]  # the 16-bit run did round
