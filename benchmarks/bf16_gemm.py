@@ -38,28 +38,31 @@ import numpy as np  # noqa: E402
 
 from minimlp.fast import bf16_gemm  # noqa: E402
 
-# name: (M, K, N, A is a transposed view, B is a transposed view), as the model multiplies them
-SHAPES = {
-    "s12": [
-        ("patch embed     patches @ W^T", 6272, 768, 384, False, True),
-        ("patch embed dW  dy^T @ patches", 384, 6272, 768, True, False),
-        ("token mixing    A @ x", 196, 196, 12288, False, False),
-        ("token mixing dx A^T @ dy", 196, 196, 12288, True, False),
-        ("token mixing dA dy @ x^T", 196, 12288, 196, False, True),
-        ("fc1             x @ W1^T", 6272, 384, 1536, False, True),
-        ("fc1 dx          dh @ W1", 6272, 1536, 384, False, False),
-        ("fc1 dW          dh^T @ x", 1536, 6272, 384, True, False),
-        ("fc2             h @ W2^T", 6272, 1536, 384, False, True),
-        ("fc2 dx          dy @ W2", 6272, 384, 1536, False, False),
-        ("fc2 dW          dy^T @ h", 384, 6272, 1536, True, False),
-    ],
-    "tiny": [
-        ("token mixing    A @ x", 64, 64, 16384, False, False),
-        ("token mixing dA dy @ x^T", 64, 16384, 64, False, True),
-        ("fc1             x @ W1^T", 8192, 128, 512, False, True),
-        ("fc2             h @ W2^T", 8192, 512, 128, False, True),
-        ("fc2 dW          dy^T @ h", 128, 8192, 512, True, False),
-    ],
+# row: the products of one training step, (name, M, K, N, A is a transposed view, B is one, how many per step),
+# as the model multiplies them (minimlp.layers; the input images need no gradient, so no patch-embedding dx)
+def _step_products(patches, images, dim, hidden, patch_inputs, depth, classes):
+    tokens = patches * images
+    return [
+        ("patch embed     patches @ W^T", tokens, patch_inputs, dim, False, True, 1),
+        ("patch embed dW  dy^T @ patches", dim, tokens, patch_inputs, True, False, 1),
+        ("token mixing    A @ x", patches, patches, images * dim, False, False, depth),
+        ("token mixing dx A^T @ dy", patches, patches, images * dim, True, False, depth),
+        ("token mixing dA dy @ x^T", patches, images * dim, patches, False, True, depth),
+        ("fc1             x @ W1^T", tokens, dim, hidden, False, True, depth),
+        ("fc1 dx          dh @ W1", tokens, hidden, dim, False, False, depth),
+        ("fc1 dW          dh^T @ x", hidden, tokens, dim, True, False, depth),
+        ("fc2             h @ W2^T", tokens, hidden, dim, False, True, depth),
+        ("fc2 dx          dy @ W2", tokens, dim, hidden, False, False, depth),
+        ("fc2 dW          dy^T @ h", dim, tokens, hidden, True, False, depth),
+        ("head            x @ W^T", images, dim, classes, False, True, 1),
+        ("head dx         dy @ W", images, classes, dim, False, False, 1),
+        ("head dW         dy^T @ x", classes, images, dim, True, False, 1),
+    ]
+
+
+SHAPES = {  # ResMLP-S12 at 224 px, batch 32; resmlp_tiny at 32 px, batch 128
+    "s12": _step_products(patches=196, images=32, dim=384, hidden=1536, patch_inputs=768, depth=12, classes=1000),
+    "tiny": _step_products(patches=64, images=128, dim=128, hidden=512, patch_inputs=48, depth=6, classes=10),
 }
 
 
@@ -169,7 +172,7 @@ def main():
     if args.torch:
         import torch
     rng = np.random.default_rng(0)
-    cases = [(row, shape, contenders(*shape[1:], mkl, torch, rng)) for row in args.rows for shape in SHAPES[row]]
+    cases = [(row, shape, contenders(*shape[1:6], mkl, torch, rng)) for row in args.rows for shape in SHAPES[row]]
     libraries = list(cases[0][2])
     seconds = {(shape[0], row, library): [] for row, shape, calls in cases for library in calls}
     for _, _, calls in cases:  # warm-up: plans, packing buffers, first-touch pages
@@ -204,6 +207,14 @@ def main():
             best_mkl = [min(seconds[(name, row, library)][i] for library in per_call) for i in range(args.rounds)]
             line += f"  {statistics.median(b / o for o, b in zip(ours, best_mkl)):9.2f}x"
         print(line)
+    print("\nThe floor: a training step's products (each as many times as one step runs it), at the rates above")
+    for row in args.rows:
+        step = [(shape, shape[6]) for r, shape, _ in cases if r == row]
+        total = sum(2.0 * m * k * n * count for (_, m, k, n, _, _, count), count in step) / 1e9
+        floors = {library: sum(statistics.median(seconds[(shape[0], row, library)]) * count for shape, count in step)
+                  for library in libraries}
+        print(f"  {row}: {total:.0f} GFLOP per step; " + ", ".join(
+            f"{library} {floor:.3f} s" for library, floor in floors.items()))
 
 
 if __name__ == "__main__":
