@@ -5,11 +5,13 @@
 
 Install (optional, not in requirements.txt):  pip install onednn-cpu-gomp ml-dtypes
 
-For the callers (minimlp.precision, the command line):
-  - `precision.autocast("bfloat16")` makes `precision.matmul(a, b)` call `bf16_gemm.matmul` on NumPy arrays.
-  - `missing_instruction()`: None, or one line saying this CPU has no bfloat16 instruction (then run float32).
-  - `unavailable_reason()`: None, or one line saying what to pip install (the command line then exits 2).
-  - `available()`: both are None: bfloat16 products run here.
+For the callers. minimlp.precision routes to it: inside `autocast("bfloat16")` (what train_step does with
+`policy("bfloat16")`), `precision.matmul(a, b)` on NumPy arrays calls `bf16_gemm.matmul(a, b)`, and
+`precision.cpu_bfloat16_products()` tells the CPU fast path to hand its operands over in bfloat16. The
+command line, for --amp-dtype bfloat16 on the CPU, asks two questions, in this order:
+    note = bf16_gemm.missing_instruction()   # None, or one line: no avx512_bf16/amx_bf16 here -> print, run float32
+    reason = bf16_gemm.unavailable_reason()  # None, or one line saying what to pip install -> print, exit 2
+`available()` is both at once (cached): True where bfloat16 products run here.
 
 What a product is. Both operands are bfloat16 (8-bit significand, float32's exponent); each product of two
 of them is exact in float32, and the K products of a dot product are summed in float32 by the hardware's
@@ -26,12 +28,14 @@ because every block of rows of A reads it again. Token mixing's B (196 x B*d) is
 read in its own strides.
 
 Why oneDNN (benchmarks/bf16_gemm.py measures both, and MKL's packed-operand calls): on this project's AMD
-EPYC (Zen 4, avx512_bf16, no AMX) oneDNN's bfloat16 matmul ran 2-3x MKL's cblas_gemm_bf16bf16f32, packed
-or not (MKL takes a slow path on AMD), and on an Intel Xeon with AMX it was level with MKL or ahead on
-ResMLP's large products. oneDNN 3.2's wheel `onednn-cpu-gomp` is built on GNU OpenMP, the runtime of Numba's
-OpenMP threading layer, so the products and the fused loops share one pool of threads (and
-OMP_WAIT_POLICY, minimlp/fast/cpu_settings.py). The newer `onednn` wheel is a SYCL build with no CPU engine
-for host arrays: it is refused, saying so.
+EPYC (Zen 4, avx512_bf16, no AMX), one core, oneDNN ran ResMLP-S12's products at 145-197 GFLOP/s, level with
+PyTorch's own bfloat16 matmul and twice NumPy's float32, where MKL's cblas_gemm_bf16bf16f32 ran 43-80
+(cblas_gemm_bf16bf16f32_pack + _compute slower still, 9-82: MKL takes a slow path on AMD); an S12 step's
+products cost 3.15 s of one core through oneDNN, 7.7 s through MKL. On an Intel Xeon with AMX oneDNN was
+level with MKL or ahead on ResMLP's large products. oneDNN 3.2's wheel `onednn-cpu-gomp` is built on GNU
+OpenMP, the runtime of Numba's OpenMP threading layer, so the products and the fused loops share one pool
+of threads (and OMP_WAIT_POLICY, minimlp/fast/cpu_settings.py). The newer `onednn` wheel is a SYCL build
+with no CPU engine for host arrays: it is refused, saying so.
 
 bfloat16 arrays are NumPy arrays of `ml_dtypes.bfloat16` (BFLOAT16 here): the dtype says what the 16 bits
 are, so an operand that is already rounded is known by its dtype, `astype(np.float32)` reads it back
