@@ -16,8 +16,10 @@ from minimlp.data.synthetic import ensure_shapes_dataset
 from minimlp.optim import make_optimizer
 from minimlp.tools.pytorch_references import timm, torch
 from minimlp.training import estimates
-from minimlp.training.config import complete_settings, dataset_defaults
+from minimlp.data.datasets import load_datasets
+from minimlp.training.config import DataFacts
 from minimlp.training.settings import BY_NAME, RESUMED_SETTINGS, SETTINGS, derived, help_text
+from tests.imagetools import make_image_folder
 from tests.test_optim import SHAPES, Quadratic, assert_close
 from tests.test_recipe import facts_of, settings
 
@@ -163,6 +165,17 @@ def test_a_small_set_of_small_images_gets_a_model_size_batch_and_epochs_that_fit
     text = "\n".join(lines)
     assert "--model resmlp_tiny: images of 32 px" in text and "--img-size 32: the images' typical size is 32" in text
     assert "--batch-size 64: 256, lowered for an epoch of 22 steps" in text and "--epochs 46:" in text
+
+
+def test_the_typical_image_size_is_the_median_shorter_side_of_the_files(tmp_path):
+    make_image_folder(tmp_path / "wide", classes=("a", "b"), per_class=3, size=(40, 30))
+    make_image_folder(tmp_path / "tall", classes=("c", "d"), per_class=4, size=(50, 90))
+    train_set, val_set = load_datasets(tmp_path / "wide")
+    assert DataFacts(train_set.samples, 2, len(val_set), "cpu").image_side == 30
+    samples = train_set.samples + load_datasets(tmp_path / "tall")[0].samples
+    assert DataFacts(samples, 4, 0, "cpu").image_side == 50  # the median of 30 six times and 50 eight times
+    (tmp_path / "wide" / "train" / "a" / "broken.png").write_bytes(b"not a png")
+    assert DataFacts(load_datasets(tmp_path / "wide")[0].samples, 2, 0, "cpu").image_side == 30
 
 
 def test_imagenet_on_a_gpu_keeps_s12_at_224_and_odd_sizes_round_to_whole_patches():
