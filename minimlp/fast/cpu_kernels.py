@@ -19,15 +19,16 @@ this fast path.
 
 bfloat16 products (inside autocast("bfloat16"), where minimlp.precision.cpu_bfloat16_products() says the
 CPU multiplies bfloat16 in hardware through minimlp/fast/bf16_gemm.py): each loop whose output is only
-a matrix product's operand writes it in bfloat16, rounded to nearest even in the same pass (`_bfloat16_bits`),
-so no product pays a rounding pass of its own: Affine's output (token mixing's and fc1's input; the last
-Affine's feeds the mean pool, which reads bfloat16 and sums in float32), GELU's output (fc2's input), the
-gradients that reach fc2 and token mixing (residual_backward) and fc1 (bias_gelu_backward), and the image
-patches (patch_embed_forward cuts and rounds them in one pass). Everything else stays float32: what
-backward keeps (GELU's input and Phi), the residual stream, the sums (biases, alpha, gamma) of gradients
-taken before they are rounded. The float32 loops are untouched; each function asks once per call which
-kind to run. bfloat16 arrays are ml_dtypes.bfloat16 views of the uint16 bits the loops write (Numba
-cannot type that dtype).
+a matrix product's operand writes it in bfloat16, rounded to nearest even in the same pass
+(`_bfloat16_bits`, minimlp/fast/cpu_bfloat16.py), so no product pays a rounding pass of its own:
+Affine's output (token mixing's and fc1's input; the last Affine's feeds the mean pool, which reads
+bfloat16 and sums in float32), GELU's output (fc2's input), the gradients that reach fc2 and token
+mixing (residual_backward) and fc1 (bias_gelu_backward), and the image patches (patch_embed_forward
+cuts and rounds them in one pass). Everything else stays float32: what backward keeps (GELU's input
+and Phi), the residual stream, the sums (biases, alpha, gamma) of gradients taken before they are
+rounded. The float32 loops are untouched; each function asks once per call which kind to run.
+bfloat16 arrays are ml_dtypes.bfloat16 views of the uint16 bits the loops write (Numba cannot type
+that dtype). The AdamW update's loop is minimlp/fast/cpu_optimizer.py.
 """
 import functools
 import math
@@ -35,11 +36,12 @@ import math
 import numba
 import numpy as np
 
-from .. import layers
 from ..backend import ERF_DENOMINATOR, ERF_NUMERATOR
 from ..precision import cpu_bfloat16_products
 from . import cpu_settings
 from .bf16_gemm import BFLOAT16
+from .cpu_bfloat16 import _bfloat16_bits, mean_pool_forward, patch_embed_forward, to_bfloat16  # noqa: F401
+from .cpu_optimizer import adamw_update  # noqa: F401  (the last two: OPERATIONS)
 
 OPERATIONS = ("affine_forward", "affine_backward", "bias_gelu_forward", "bias_gelu_backward", "residual_forward",
               "residual_backward", "adamw_update", "mean_pool_forward", "patch_embed_forward")
@@ -298,98 +300,3 @@ def _residual_backward_bfloat16(dy, branch, gamma, scale):
 def _scale_of(mask, like):
     """Drop path's per-image factor (B,); ones when drop path is off."""
     return np.ones(like.shape[1], like.dtype) if mask is None else mask
-
-
-# --------------------------------------------------------------------------------------------- bfloat16 operands
-@jit_inline
-def _bfloat16_bits(value):
-    # float32 -> the bits of the nearest bfloat16, ties to even. A bfloat16 is the upper half of a float32: add
-    # just under half of the 16 bits cut off (0x7FFF), plus 1 when the kept half is odd (so a tie goes to the
-    # even neighbour), and keep the upper half. A carry runs into the exponent as it should (the largest
-    # float32s round to inf; inf stays inf; subnormals round like any other number). A NaN becomes the quiet
-    # NaN of its sign, 0x7FC0 or 0xFFC0, as ml_dtypes makes it (the addition could carry a payload into inf).
-    bits = np.float32(value).view(np.uint32)
-    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    quiet_nan = ((bits >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7FC0)
-    return np.uint16(quiet_nan if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded)
-
-
-def to_bfloat16(x):
-    """float32 array -> the nearest bfloat16 array (ml_dtypes.bfloat16), one parallel pass, any shape."""
-    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
-    return _round_bfloat16(flat).view(BFLOAT16).reshape(np.shape(x))
-
-
-@jit
-def _round_bfloat16(x):
-    bits = np.empty(x.shape, np.uint16)
-    for i in numba.prange(x.shape[0]):
-        bits[i] = _bfloat16_bits(x[i])
-    return bits
-
-
-def mean_pool_forward(tokens):
-    # y[b, c] = mean over n of x[n, b, c]: bfloat16 tokens (the last Affine's output under bfloat16 products)
-    # are summed in float32; float32 tokens take the reference
-    if tokens.dtype == BFLOAT16:
-        return _mean_over_patches(np.ascontiguousarray(tokens).view(np.uint16)), tokens.shape
-    return layers.mean_pool_forward(tokens)
-
-
-@jit
-def _mean_over_patches(bits):
-    patches, images, dim = bits.shape
-    pooled = np.zeros((images, dim), np.float32)
-    for b in numba.prange(images):
-        for n in range(patches):
-            for c in range(dim):
-                pooled[b, c] += np.uint32(np.uint32(bits[n, b, c]) << np.uint32(16)).view(np.float32)
-    return pooled * F(1.0 / patches) if patches else pooled
-
-
-def patch_embed_forward(images, weight, bias):
-    # under bfloat16 products: the patches cut from the images and rounded to bfloat16 in one pass (the
-    # reference copies them out in float32: images_to_patches), then the same Linear; else the reference
-    if not cpu_bfloat16_products():
-        return layers.patch_embed_forward(images, weight, bias)
-    dim, patch_size = weight.shape[0], weight.shape[-1]
-    patches = _patches_bfloat16(np.ascontiguousarray(images, dtype=np.float32), patch_size).view(BFLOAT16)
-    tokens, linear_cache = layers.linear_forward(patches.reshape(-1, patches.shape[-1]), weight.reshape(dim, -1), bias)
-    return tokens.reshape(patches.shape[0], patches.shape[1], dim), (linear_cache, images.shape, weight.shape)
-
-
-@jit
-def _patches_bfloat16(images, patch_size):
-    # (B, C, H, W) -> (N, B, C*p*p) bfloat16 bits, each patch flattened in (c, row, col) order (images_to_patches)
-    batch, colors, height, width = images.shape
-    columns = width // patch_size
-    grid = (height // patch_size) * columns
-    patches = np.empty((grid, batch, colors * patch_size * patch_size), np.uint16)
-    for n in numba.prange(grid):
-        top, left = (n // columns) * patch_size, (n % columns) * patch_size
-        for b in range(batch):
-            for c in range(colors):
-                for i in range(patch_size):
-                    for j in range(patch_size):
-                        patches[n, b, (c * patch_size + i) * patch_size + j] = _bfloat16_bits(
-                            images[b, c, top + i, left + j])
-    return patches
-
-
-# --------------------------------------------------------------------------------------------- AdamW
-def adamw_update(param, grad, m, v, decay_mask, lr_decay, betas, step_size, sqrt_bias2, eps):
-    """In place on param, m, v, as minimlp.optim.adamw_update; 1 - beta is rounded from double, as there."""
-    beta1, beta2 = betas
-    _adamw(param, grad, m, v, decay_mask, F(lr_decay), F(beta1), F(beta2), F(1 - beta1), F(1 - beta2),
-           F(step_size), F(sqrt_bias2), F(eps))
-
-
-@jit
-def _adamw(param, grad, m, v, decay_mask, lr_decay, beta1, beta2, one_minus_beta1, one_minus_beta2, step_size,
-           sqrt_bias2, eps):
-    for i in numba.prange(param.shape[0]):
-        p = param[i] - lr_decay * decay_mask[i] * param[i]
-        g = grad[i]
-        m[i] = beta1 * m[i] + one_minus_beta1 * g
-        v[i] = beta2 * v[i] + one_minus_beta2 * g * g
-        param[i] = p - step_size * m[i] / (math.sqrt(v[i]) / sqrt_bias2 + eps)

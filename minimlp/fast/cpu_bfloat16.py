@@ -1,0 +1,96 @@
+"""The CPU fast path's bfloat16 pieces (minimlp.fast.cpu_kernels' docstring says where bfloat16 operands
+come from): the float32 -> bfloat16 rounding that every loop writing a product's operand inlines
+(`_bfloat16_bits`), and the two operations that exist for bfloat16 products only: the patch embedding's
+cut-and-round and the mean pool over bfloat16 tokens (float32 inputs take the reference).
+
+Numba's on-disk cache watches only the file a loop is defined in: after editing `_bfloat16_bits`, the
+loops of cpu_kernels.py that inline it are recompiled only once their cache is gone
+(`rm -r minimlp/fast/__pycache__`). A fresh clone (CI) has none.
+"""
+import functools
+
+import numba
+import numpy as np
+
+from .. import layers
+from ..precision import cpu_bfloat16_products
+from .bf16_gemm import BFLOAT16
+
+F = np.float32
+jit = functools.partial(numba.njit, parallel=True, fastmath=True, cache=True)
+jit_inline = functools.partial(numba.njit, fastmath=True, cache=True, inline="always")
+
+
+@jit_inline
+def _bfloat16_bits(value):
+    # float32 -> the bits of the nearest bfloat16, ties to even. A bfloat16 is the upper half of a float32: add
+    # just under half of the 16 bits cut off (0x7FFF), plus 1 when the kept half is odd (so a tie goes to the
+    # even neighbour), and keep the upper half. A carry runs into the exponent as it should (the largest
+    # float32s round to inf; inf stays inf; subnormals round like any other number). A NaN becomes the quiet
+    # NaN of its sign, 0x7FC0 or 0xFFC0, as ml_dtypes makes it (the addition could carry a payload into inf).
+    bits = np.float32(value).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    quiet_nan = ((bits >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7FC0)
+    return np.uint16(quiet_nan if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded)
+
+
+def to_bfloat16(x):
+    """float32 array -> the nearest bfloat16 array (ml_dtypes.bfloat16), one parallel pass, any shape."""
+    flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    return _round_bfloat16(flat).view(BFLOAT16).reshape(np.shape(x))
+
+
+@jit
+def _round_bfloat16(x):
+    bits = np.empty(x.shape, np.uint16)
+    for i in numba.prange(x.shape[0]):
+        bits[i] = _bfloat16_bits(x[i])
+    return bits
+
+
+def mean_pool_forward(tokens):
+    # y[b, c] = mean over n of x[n, b, c]: bfloat16 tokens (the last Affine's output under bfloat16 products)
+    # are summed in float32; float32 tokens take the reference
+    if tokens.dtype == BFLOAT16:
+        return _mean_over_patches(np.ascontiguousarray(tokens).view(np.uint16)), tokens.shape
+    return layers.mean_pool_forward(tokens)
+
+
+@jit
+def _mean_over_patches(bits):
+    patches, images, dim = bits.shape
+    pooled = np.zeros((images, dim), np.float32)
+    for b in numba.prange(images):
+        for n in range(patches):
+            for c in range(dim):
+                pooled[b, c] += np.uint32(np.uint32(bits[n, b, c]) << np.uint32(16)).view(np.float32)
+    return pooled * F(1.0 / patches) if patches else pooled
+
+
+def patch_embed_forward(images, weight, bias):
+    # under bfloat16 products: the patches cut from the images and rounded to bfloat16 in one pass (the
+    # reference copies them out in float32: images_to_patches), then the same Linear; else the reference
+    if not cpu_bfloat16_products():
+        return layers.patch_embed_forward(images, weight, bias)
+    dim, patch_size = weight.shape[0], weight.shape[-1]
+    patches = _patches_bfloat16(np.ascontiguousarray(images, dtype=np.float32), patch_size).view(BFLOAT16)
+    tokens, linear_cache = layers.linear_forward(patches.reshape(-1, patches.shape[-1]), weight.reshape(dim, -1), bias)
+    return tokens.reshape(patches.shape[0], patches.shape[1], dim), (linear_cache, images.shape, weight.shape)
+
+
+@jit
+def _patches_bfloat16(images, patch_size):
+    # (B, C, H, W) -> (N, B, C*p*p) bfloat16 bits, each patch flattened in (c, row, col) order (images_to_patches)
+    batch, colors, height, width = images.shape
+    columns = width // patch_size
+    grid = (height // patch_size) * columns
+    patches = np.empty((grid, batch, colors * patch_size * patch_size), np.uint16)
+    for n in numba.prange(grid):
+        top, left = (n // columns) * patch_size, (n % columns) * patch_size
+        for b in range(batch):
+            for c in range(colors):
+                for i in range(patch_size):
+                    for j in range(patch_size):
+                        patches[n, b, (c * patch_size + i) * patch_size + j] = _bfloat16_bits(
+                            images[b, c, top + i, left + j])
+    return patches
