@@ -87,7 +87,7 @@ def choose_model(args, facts, key):
     if side >= PAPER_SIZE and (facts.device == "gpu" or facts.num_train >= LARGE_DATASET):
         where = "on a GPU" if facts.device == "gpu" else f"in a set of {facts.num_train:,}"
         return "resmlp_s12", f"images of {side} px {where}: the paper's model at its resolution"
-    why = (f"images of {side} px, too small for S12's 16 px patches" if side < PAPER_SIZE else
+    why = (f"images of {side} px, below the {PAPER_SIZE} px S12 is made for" if side < PAPER_SIZE else
            f"{facts.num_train:,} images on the CPU, where an S12 step takes seconds")
     return "resmlp_tiny", why + " (--model resmlp_s12 for the paper's)"
 
