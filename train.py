@@ -33,6 +33,7 @@ from minimlp.data.loader import Loader
 from minimlp.data.mixup import Mixup
 from minimlp.precision import DEFAULT_AMP_DTYPE, run_precision
 from minimlp.data.randaugment import RandAugment
+from minimlp.training.progress import write
 from minimlp.training.run_folder import (RunFolder, RunFolderError, new_run_folder, refuse_results, trim_log,
                                         write_atomically)
 from minimlp.data.random_erasing import RandomErasing
@@ -148,6 +149,9 @@ def run(args, world):
     for line in notes:
         print(line)
     operations = select(device, "float32", args.fast)  # given to the model, the loss and the optimizer
+    if operations.name == "cpu_kernels" and world.is_writer:  # a line when Numba compiles them (the first run)
+        from minimlp.fast.cpu_kernels import say_when_compiling  # Numba is there: select chose its loops
+        say_when_compiling(write)
     model = create_model(args.model, num_classes=len(train_set.classes), img_size=args.img_size,
                          patch_size=args.patch_size, drop_path=args.drop_path, device=device, seed=args.seed,
                          ops=operations)

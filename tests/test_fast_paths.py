@@ -9,6 +9,10 @@ CUDA one where a GPU is present (skipped, saying so, elsewhere). The whole model
 are compared the same way, fast against reference.
 """
 import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +24,8 @@ from minimlp.precision import policy
 from minimlp.optim import AdamW
 from minimlp.step import train_step
 from tests.conftest import GPU_SKIP_REASON
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 PATCHES, IMAGES, DIM, HIDDEN, CLASSES = 6, 4, 5, 7, 11  # all different: a swapped axis cannot pass
 # largest difference / largest value: the two paths round differently (float64: the same formulas, reordered)
@@ -187,3 +193,27 @@ def test_residual_layer_matches_finite_differences():
     assert relative_error(dbranch, numerical[1]) < 1e-7
     assert relative_error(dbias, numerical[2]) < 1e-7
     assert relative_error(dgamma, numerical[3]) < 1e-7
+
+
+NUMBA_COMPILES_ONE_LOOP = """
+import numpy as np
+from minimlp.fast import cpu_kernels
+cpu_kernels.say_when_compiling(print)
+for _ in range(2):
+    cpu_kernels.to_bfloat16(np.ones(3, np.float32))
+print("done")
+"""
+
+
+def test_a_line_says_when_the_cpu_loops_compile_and_none_once_they_are_cached(tmp_path):
+    """The first run on a machine compiles the Numba loops (the first epoch is slower): one line says so. The
+    next process loads them from the disk cache and says nothing."""
+    pytest.importorskip("numba")
+    environment = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    runs = [subprocess.run([sys.executable, "-c", NUMBA_COMPILES_ONE_LOOP], capture_output=True, text=True,
+                           env=environment, cwd=REPO_ROOT, timeout=300) for _ in range(2)]
+    first, second = (run.stdout.splitlines() for run in runs)
+    assert all(run.returncode == 0 for run in runs), runs[0].stderr + runs[1].stderr
+    assert len(first) == 2 and first[0].startswith("compiling the CPU kernels (Numba") and first[1] == "done"
+    assert str(tmp_path / "numba-cache") in first[0]
+    assert second == ["done"]

@@ -89,3 +89,19 @@ def test_redirected_output_of_both_streams_keeps_its_order(tmp_path):
         "output: runs/x", "warning: skipping unreadable image a.jpg (truncated)", "epoch 1/1", "a line on stdout",
         "epoch 1/1", "epoch 1/1"]
     assert lines[2].split("  ")[1] == "2/4 batch" and lines[4].split("  ")[1] == "4/4 batch"
+
+
+def test_a_line_at_least_every_10_seconds_however_few_the_steps(monkeypatch):
+    """An epoch of 5 slow steps (every=20 never reached before the end) still shows where it is: a line at the
+    first step after 10 s without one, and the trainer's cue (due) to read its loss back for it."""
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    log = io.StringIO()
+    bar = Progress(5, "epoch 1/300", every=20, file=log)  # started at 0 s
+    due = []
+    for end in (4.0, 11.0, 13.0, 25.0, 30.0):  # when each step ends
+        now[0] = end
+        due.append(bar.due())
+        bar.update(1)
+    assert due == [False, True, False, True, False]
+    assert [line.split("  ")[1] for line in log.getvalue().splitlines()] == ["2/5 batch", "4/5 batch", "5/5 batch"]

@@ -209,13 +209,16 @@ def small_images(tmp_path_factory):
 
 def test_the_memory_estimate_is_within_a_third_of_the_measured_peak_and_the_time_is_said_first(small_images,
                                                                                                  tmp_path):
-    flags = ["--data", small_images, "--model", "resmlp_tiny", "--img-size", 32, "--batch-size", 64,
-             "--epochs", 2, "--workers", 0, "--output", tmp_path / "run"]
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags)], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stdout = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    assert status == 0, process.stderr.read()
+    # Twice: a first run on a machine also compiles the Numba loops (it says so), and LLVM's memory while it
+    # compiles (up to 3 GB measured) is not the training's; the second run loads them from the disk cache.
+    for run in ("compiles", "measured"):
+        flags = ["--data", small_images, "--model", "resmlp_tiny", "--img-size", 32, "--batch-size", 64,
+                 "--epochs", 2, "--workers", 0, "--output", tmp_path / run]
+        process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags)], cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout = process.stdout.read()
+        _, status, usage = os.wait4(process.pid, 0)
+        assert status == 0, process.stderr.read()
     estimate = next(line for line in stdout.splitlines() if line.startswith("estimated peak memory: "))
     estimated = float(estimate.split()[3]) * 1e9
     measured = usage.ru_maxrss * 1024  # Linux: kilobytes

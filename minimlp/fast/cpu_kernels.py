@@ -56,6 +56,7 @@ Q0, Q1, Q2, Q3, Q4 = (F(c) for c in ERF_DENOMINATOR)
 ERF_CLAMP = F(4.0)
 EXP_FLOOR = F(-24.0)  # exp(-24) = 4e-11: below it, x * phi(x) is far under float32's resolution of Phi + x phi
 EXP_TAYLOR = tuple(F(1.0 / math.factorial(k)) for k in range(10))  # 1/k!, k = 0..9
+FIRST_COMPILE_SECONDS = 30  # measured: README, Speed
 ROWS_PER_PARTIAL_SUM = 64  # reductions: each thread sums 64 rows into its own partial row, then one small sum
 
 jit = functools.partial(numba.njit, parallel=True, fastmath=True, cache=True)
@@ -66,6 +67,28 @@ def prepare():
     """Called by minimlp.ops each time it chooses this fast path: the allocator setting of
     minimlp/fast/cpu_settings.py (calling it again changes nothing)."""
     cpu_settings.keep_freed_memory()
+
+
+def say_when_compiling(say):
+    """Call say(line) once, when Numba starts compiling one of the fast path's loops because its disk cache
+    has none yet (the first run on a machine, or after an edit); a cached loop loads silently. Numba's event
+    API ("numba:compile" fires on a cache miss only)."""
+    numba.core.event.register("numba:compile", _FirstCompile(say))
+
+
+class _FirstCompile(numba.core.event.Listener):
+    def __init__(self, say):
+        self.say, self.said = say, False
+
+    def on_start(self, event):
+        dispatcher = event.data["dispatcher"]
+        if not self.said and dispatcher.py_func.__module__.startswith(__package__):
+            self.said = True
+            self.say(f"compiling the CPU kernels (Numba; once per machine, about {FIRST_COMPILE_SECONDS} s over the "
+                     f"first steps and the first evaluation; kept in {dispatcher.stats.cache_path})")
+
+    def on_end(self, event):
+        pass
 
 
 # --------------------------------------------------------------------------------------------- Affine

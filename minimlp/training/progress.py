@@ -8,7 +8,8 @@
 
 On a terminal (the bar's stream is a tty) this is a tqdm bar. Anywhere else (output redirected to a
 file, a pipe, a CI log) tqdm would leave `\\r` fragments and blank lines, so plain lines are printed
-instead, each a whole line, one every `every` steps and one when the total is reached:
+instead, each a whole line, one every `every` steps, one whenever `seconds` (10) have passed since the
+last, and one when the total is reached:
 
     epoch 3/15  20/40 batch  9.8 s  eta 9.8 s  loss 1.2345  lr 2.9e-03
 
@@ -25,6 +26,7 @@ import time
 from tqdm import tqdm
 
 PLAIN_LINES_PER_TOTAL = 10  # plain lines per total when `every` is not given
+PLAIN_LINE_SECONDS = 10.0  # and at least one line this often, however long a step takes
 
 
 def is_terminal(stream):
@@ -79,20 +81,24 @@ class Progress:
     initial: steps already done (a resumed epoch starts at its next batch).
     every:   plain mode: a line at every multiple of this many steps (default: about
              PLAIN_LINES_PER_TOTAL lines per total); 0 = none but the one printed when the total is reached.
+    seconds: plain mode: also a line at the first step after this many seconds without one (default
+             PLAIN_LINE_SECONDS; 0 = never), so a long epoch of few steps is never silent.
     leave:   terminal mode: keep the finished bar on screen (default: clear it).
     file:    the stream (default sys.stderr). interactive: force bar (True) or plain (False) mode;
              default: bars exactly when `file` is a terminal.
     """
 
-    def __init__(self, total, desc, unit="batch", initial=0, every=None, leave=False, file=None, interactive=None):
+    def __init__(self, total, desc, unit="batch", initial=0, every=None, seconds=None, leave=False, file=None,
+                 interactive=None):
         self.total, self.desc, self.unit = total, desc, unit
         self.file = file if file is not None else sys.stderr
         self.interactive = is_terminal(self.file) if interactive is None else interactive
         self.count = initial
         self.initial = initial
         self.every = max(1, round(total / PLAIN_LINES_PER_TOTAL)) if every is None else every
+        self.seconds = PLAIN_LINE_SECONDS if seconds is None else seconds
         self.postfix = {}
-        self.started = time.perf_counter()
+        self.started = self.last_line_time = time.perf_counter()
         self.last_printed = initial
         self.closed = False
         self.bar = None
@@ -110,10 +116,17 @@ class Progress:
             if postfix:
                 self.bar.set_postfix({name: _text(value) for name, value in self.postfix.items()}, refresh=False)
             self.bar.update(n)
+            if postfix:
+                self.last_line_time = time.perf_counter()
             return
         crossed_a_multiple = self.every and self.count // self.every > self.last_printed // self.every
-        if n and (crossed_a_multiple or self.count >= self.total):
+        if n and (crossed_a_multiple or self.count >= self.total or self.due()):
             self.print_line()
+
+    def due(self):
+        """Whether `seconds` have passed since the last line (on a terminal: since the postfix last changed):
+        the caller may then bring fresh numbers for the postfix (the trainer reads its loss back)."""
+        return bool(self.seconds) and time.perf_counter() - self.last_line_time >= self.seconds
 
     def set_postfix(self, **postfix):
         self.update(0, **postfix)
@@ -128,6 +141,7 @@ class Progress:
         parts += [f"{name} {_text(value)}" for name, value in self.postfix.items()]
         write("  ".join(parts), self.file)
         self.last_printed = self.count
+        self.last_line_time = time.perf_counter()
 
     def write(self, line, file=None):
         """A line of its own, above the bar (the module's write; default file sys.stderr)."""

@@ -150,7 +150,7 @@ class Trainer:
                 self.peak_gpu_bytes = max(self.peak_gpu_bytes, backend.gpu_memory_held_bytes())
             postfix = {}
             stopping = stop.agree(self.world)
-            if len(pending) == READ_LOSS_EVERY or stopping or p["batch"] == len(loader):
+            if len(pending) == READ_LOSS_EVERY or stopping or p["batch"] == len(loader) or bar.due():
                 self.read_losses(pending)
                 postfix = dict(loss=f"{p['loss_sum'] / p['images']:.4f}", lr=f"{self.optimizer.lr:.2e}",
                                img_s=f"{p['images'] / max(p['seconds'], 1e-9):.0f}",
