@@ -14,9 +14,12 @@ Three sides per row and precision, each a fresh process started from this script
     with minimlp.weights' mapping). bfloat16: `torch.autocast("cpu", dtype=torch.bfloat16)`.
   - PyTorch again, given the allocator setting minimlp gives itself: MALLOC_MMAP_THRESHOLD_=1073741824
     MALLOC_TRIM_THRESHOLD_=2147483647 in its environment.
+  - PyTorch with that setting and the model under torch.compile (inductor, which compiles its fused C++
+    loops with the machine's C++ compiler; the first step compiles, about 20-40 s, and is not timed;
+    --no-compile leaves this side out).
 Same weights, same batch, label smoothing 0.1, AdamW with two parameter groups. Each round runs the sides once
 each, in a rotating order; a process does --warmup untimed steps, then --steps timed ones, and reports their
-median. A row reports the median over the rounds, and minimlp's speed against the faster PyTorch side of
+median. A row reports the median over the rounds, and minimlp's speed against the fastest PyTorch side of
 the same precision (and every round's ratio). A benchmark, not a test: it asserts nothing.
 """
 import argparse
@@ -35,7 +38,8 @@ ENVIRONMENT = dict(os.environ)  # as given: each side's process starts from it (
 PYTORCH_SIDE = Path(__file__).resolve().parent / "pytorch_train_step.py"
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
 SIDES = {"minimlp": "minimlp", "pytorch": "PyTorch eager, its defaults",
-         "pytorch+allocator": "PyTorch eager, minimlp's allocator setting"}
+         "pytorch+allocator": "PyTorch eager, minimlp's allocator setting",
+         "compile+allocator": "PyTorch torch.compile, the allocator setting"}
 ROWS = {  # name: (minimlp model, image size, batch size, timm model or None for the MlpMixer twin)
     "s12": ("resmlp_s12", 224, 32, "resmlp_12_224"),
     "demo": ("resmlp_tiny", 32, 128, None),
@@ -117,8 +121,9 @@ def run_side(side, row, precision, handover, args):
                    *([] if args.fast else ["--no-fast"])]
         environment = ENVIRONMENT
     else:
-        command = [sys.executable, str(PYTORCH_SIDE), str(handover), "--precision", precision, *steps]
-        environment = {**ENVIRONMENT, **(KEEP_FREED_MEMORY if side == "pytorch+allocator" else {})}
+        command = [sys.executable, str(PYTORCH_SIDE), str(handover), "--precision", precision, *steps,
+                   *(["--compile"] if side.startswith("compile") else [])]
+        environment = {**ENVIRONMENT, **(KEEP_FREED_MEMORY if side.endswith("+allocator") else {})}
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=environment)
     if result.returncode != 0:
         raise SystemExit(f"{SIDES[side]}, {row}, {precision} failed:\n{result.stderr[-2000:]}")
@@ -129,9 +134,10 @@ def measure(row, precision, handover, args):
     """Every round of the three sides of one row and precision, printed as each side reports."""
     model_name, img_size, batch_size, _ = ROWS[row]
     print(f"\n{model_name}, {img_size} px, batch {batch_size}, {precision}:", flush=True)
-    reports = {side: [] for side in SIDES}
+    sides = [side for side in SIDES if args.compile or not side.startswith("compile")]
+    reports = {side: [] for side in sides}
     for round_index in range(args.rounds):
-        order = list(SIDES)[round_index % 3:] + list(SIDES)[:round_index % 3]
+        order = sides[round_index % len(sides):] + sides[:round_index % len(sides)]
         for side in order:
             report = run_side(side, row, precision, handover, args)
             if report.get("minimlp_imported"):
@@ -140,18 +146,18 @@ def measure(row, precision, handover, args):
             reports[side].append(report)
             print(f"  round {round_index + 1}/{args.rounds}: {SIDES[side]:45s} {report['seconds']:7.3f} s/step",
                   flush=True)
-    medians = {side: statistics.median(r["seconds"] for r in reports[side]) for side in SIDES}
-    faster = min(("pytorch", "pytorch+allocator"), key=medians.get)
-    first = {side: reports[side][0] for side in SIDES}
-    details = {"minimlp": f"{first['minimlp']['path']}, {first['minimlp']['version']}",
-               "pytorch": f"torch {first['pytorch']['version']}, {first['pytorch']['threads']} threads",
-               "pytorch+allocator": f"torch {first['pytorch+allocator']['version']}, "
-                                    f"{first['pytorch+allocator']['threads']} threads"}
-    for side in SIDES:
+    medians = {side: statistics.median(r["seconds"] for r in reports[side]) for side in sides}
+    faster = min((side for side in sides if side != "minimlp"), key=medians.get)
+    first = {side: reports[side][0] for side in sides}
+    details = {side: f"torch {first[side]['version']}, {first[side]['threads']} threads"
+               + (f", first step (compiling) {first[side]['first_step']:.0f} s" if first[side]["compiled"] else "")
+               for side in sides if side != "minimlp"}
+    details["minimlp"] = f"{first['minimlp']['path']}, {first['minimlp']['version']}"
+    for side in sides:
         print(f"  {SIDES[side]:45s} ({details[side]})  {medians[side]:7.3f} s/step  "
               f"{batch_size / medians[side]:8.1f} images/s", flush=True)
     ratios = [t["seconds"] / o["seconds"] for o, t in zip(reports["minimlp"], reports[faster])]
-    print(f"  minimlp / the faster PyTorch ({SIDES[faster]}): {medians[faster] / medians['minimlp']:.2f}x (of the "
+    print(f"  minimlp / the fastest PyTorch ({SIDES[faster]}): {medians[faster] / medians['minimlp']:.2f}x (of the "
           f"medians); median of the rounds' ratios {statistics.median(ratios):.2f}x; rounds: "
           + ", ".join(f"{ratio:.2f}x" for ratio in ratios), flush=True)
 
@@ -166,6 +172,8 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                         help="minimlp's fast path (default) or, with --no-fast, the reference layers")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="the torch.compile side (default) or, with --no-compile, eager PyTorch only")
     parser.add_argument("--side", choices=["minimlp"], help=argparse.SUPPRESS)  # minimlp's side, in a child
     parser.add_argument("--precision", help=argparse.SUPPRESS)
     args = parser.parse_args()
