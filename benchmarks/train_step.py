@@ -5,7 +5,7 @@ eager, each side in a fresh process of its own, in float32 and (--amp-dtype) in 
                                                               # batch 128), float32 and bfloat16
     python benchmarks/train_step.py --rows s12 --rounds 5 --amp-dtype none    # float32 only
 
-Three sides per row and precision, each a fresh process started from this script's environment as given:
+Four sides per row and precision, each a fresh process started from this script's environment as given:
   - minimlp: its one training step (minimlp.step.train_step, policy(precision)) on the fast path the model
     chooses, with minimlp's own thread and allocator settings (minimlp/fast/cpu_settings.py; in its process
     only). bfloat16: the CPU's bfloat16 products (minimlp.fast.bf16_gemm).
@@ -131,7 +131,7 @@ def run_side(side, row, precision, handover, args):
 
 
 def measure(row, precision, handover, args):
-    """Every round of the three sides of one row and precision, printed as each side reports."""
+    """Every round of the four sides (three with --no-compile) of one row and precision, printed as each side reports."""
     model_name, img_size, batch_size, _ = ROWS[row]
     print(f"\n{model_name}, {img_size} px, batch {batch_size}, {precision}:", flush=True)
     sides = [side for side in SIDES if args.compile or not side.startswith("compile")]
