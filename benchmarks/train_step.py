@@ -131,7 +131,7 @@ def run_side(side, row, precision, handover, args):
 
 
 def measure(row, precision, handover, args):
-    """Every round of the four sides (three with --no-compile) of one row and precision, printed as each side reports."""
+    """Every round of the four sides (three with --no-compile) of one row and precision, printed as they report."""
     model_name, img_size, batch_size, _ = ROWS[row]
     print(f"\n{model_name}, {img_size} px, batch {batch_size}, {precision}:", flush=True)
     sides = [side for side in SIDES if args.compile or not side.startswith("compile")]
