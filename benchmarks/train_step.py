@@ -147,7 +147,7 @@ def measure(row, precision, handover, args):
             print(f"  round {round_index + 1}/{args.rounds}: {SIDES[side]:45s} {report['seconds']:7.3f} s/step",
                   flush=True)
     medians = {side: statistics.median(r["seconds"] for r in reports[side]) for side in sides}
-    faster = min((side for side in sides if side != "minimlp"), key=medians.get)
+    fastest = min((side for side in sides if side != "minimlp"), key=medians.get)
     first = {side: reports[side][0] for side in sides}
     details = {side: f"torch {first[side]['version']}, {first[side]['threads']} threads"
                + (f", first step (compiling) {first[side]['first_step']:.0f} s" if first[side]["compiled"] else "")
@@ -156,8 +156,8 @@ def measure(row, precision, handover, args):
     for side in sides:
         print(f"  {SIDES[side]:45s} ({details[side]})  {medians[side]:7.3f} s/step  "
               f"{batch_size / medians[side]:8.1f} images/s", flush=True)
-    ratios = [t["seconds"] / o["seconds"] for o, t in zip(reports["minimlp"], reports[faster])]
-    print(f"  minimlp / the fastest PyTorch ({SIDES[faster]}): {medians[faster] / medians['minimlp']:.2f}x (of the "
+    ratios = [t["seconds"] / o["seconds"] for o, t in zip(reports["minimlp"], reports[fastest])]
+    print(f"  minimlp / the fastest PyTorch ({SIDES[fastest]}): {medians[fastest] / medians['minimlp']:.2f}x (of the "
           f"medians); median of the rounds' ratios {statistics.median(ratios):.2f}x; rounds: "
           + ", ".join(f"{ratio:.2f}x" for ratio in ratios), flush=True)
 
