@@ -36,13 +36,14 @@ from minimlp.backend import erf
 # %%
 heading("1. Forward: x * Phi(x), with Phi from erf")
 show_source(layers.gelu_forward)
-# The cache keeps Phi(x) (`cdf`) as well as x: backward needs Phi again, and erf is the costliest
-# elementwise function of the whole model, so it is stored rather than recomputed.
+# What forward keeps for backward is not x but the derivative itself, the slope Phi(x) + x phi(x) of
+# section 3, taken while Phi is at hand: erf is the costliest elementwise function of the whole model, so
+# it is not computed twice, backward becomes one multiply, and one array is kept instead of two (x, Phi).
 # NumPy has no erf; minimlp.backend.erf takes SciPy's on the CPU and CuPy's on the GPU.
 x = np.linspace(-5, 5, 2001)
-gelu, cache = layers.gelu_forward(x)
-check(np.allclose(cache[1], 0.5 * (1 + np.array([math.erf(v / math.sqrt(2)) for v in x])), rtol=0, atol=1e-15),
-      "the cached Phi(x) is the normal CDF (checked against Python's math.erf)")
+gelu, slope = layers.gelu_forward(x)
+cdf = 0.5 * (1 + np.array([math.erf(v / math.sqrt(2)) for v in x]))  # Phi(x), from Python's math.erf
+check(np.allclose(gelu, x * cdf, rtol=0, atol=1e-15), "GELU(x) = x Phi(x), Phi the normal CDF (checked against math.erf)")
 lowest = np.argmin(gelu)
 print(f"GELU is not monotone: its minimum is {gelu[lowest]:.4f} at x = {x[lowest]:.3f} (ReLU's is 0)")
 
@@ -75,9 +76,9 @@ check(np.abs(gelu - 0.5 * x * (1 + erf(x / math.sqrt(2)))).max() < 1e-15, "minim
 # %%
 heading("3. The derivative")
 show_source(layers.gelu_backward)
-slope = layers.gelu_backward(np.ones_like(x), cache)  # dy = 1 gives the derivative itself
-slope_by_hand = cache[1] + x * np.exp(-x ** 2 / 2) / math.sqrt(2 * math.pi)
-check(np.allclose(slope, slope_by_hand, rtol=0, atol=1e-15), "gelu_backward computes Phi(x) + x phi(x)")
+slope_by_hand = cdf + x * np.exp(-x ** 2 / 2) / math.sqrt(2 * math.pi)
+check(np.allclose(slope, slope_by_hand, rtol=0, atol=1e-15), "the slope gelu_forward keeps is Phi(x) + x phi(x)")
+check(np.array_equal(layers.gelu_backward(np.ones_like(x), slope), slope), "backward with dy = 1 gives the slope itself")
 print(f"slope at 0: {slope[1000]:.3f} (half a ReLU),  at -5: {slope[0]:.2e},  at 5: {slope[-1]:.6f};"
       f"  largest slope {slope.max():.4f} > 1 at x = {x[np.argmax(slope)]:.2f}")
 
@@ -118,7 +119,7 @@ show_figure(figure, "04_gelu.png")
 # %%
 heading("5. Check: backward agrees with finite differences")
 dy = np.random.default_rng(0).normal(size=x.shape)
-check(np.allclose(layers.gelu_backward(dy, cache), dy * numerical, rtol=1e-6, atol=1e-8),
+check(np.allclose(layers.gelu_backward(dy, slope), dy * numerical, rtol=1e-6, atol=1e-8),
       "gelu_backward(dy) = dy * GELU'(x) matches finite differences at 2001 points in [-5, 5]")
 
 
@@ -128,8 +129,9 @@ check(np.allclose(layers.gelu_backward(dy, cache), dy * numerical, rtol=1e-6, at
 # 1. Replace GELU by ReLU: write relu_forward (x * (x > 0)) and relu_backward and re-run the finite
 #    difference check at x = 0. -> it fails exactly at the kink: ReLU has no derivative at 0, and a
 #    central difference gives 0.5 there.
-# 2. Why cache Phi instead of recomputing erf in backward? Time scipy.special.erf against np.exp on
-#    10 million floats. -> erf costs several times exp; it is the most expensive elementwise op here.
+# 2. Why keep the slope rather than x, and compute the slope in backward? Time scipy.special.erf against
+#    np.exp on 10 million floats. -> erf costs several times exp, the most expensive elementwise op here:
+#    backward would compute it a second time (or keep Phi beside x: two arrays instead of one).
 # 3. Compute tanh form's derivative by hand and plot it beside the exact one. -> the curves are
 #    hard to tell apart; the difference stays below 1e-3 everywhere.
 # 4. For which x is GELU(x) within 1% of x, and within 1% of 0? -> above about 2.3; below about -3.

@@ -5,10 +5,10 @@
 # semantics, but the arrays live in GPU memory and every operation launches a GPU kernel. So a
 # function written against an array module `xp`, never against `np` directly, runs on both:
 #
-#     def gelu_backward(dy, cache):
-#     x, cdf = cache
-#     xp = get_xp(x)          # numpy for a NumPy array, cupy for a CuPy array
-#     slope = xp.exp(-0.5 * x * x) ...
+#     def gelu_forward(x):
+#         xp = get_xp(x)          # numpy for a NumPy array, cupy for a CuPy array
+#         ...
+#         xp.exp(slope, out=slope)
 #
 # minimlp decides where arrays live in ONE place, minimlp.backend; every layer takes its `xp` from
 # the data it is handed. The model is created for a device ("cpu", "gpu" or "auto") and moves its
@@ -17,7 +17,7 @@
 # What you will see: the backend's few functions; the xp idea on NumPy; what a fused GPU kernel buys
 # (an estimate of memory traffic, and a measurement of what separate passes cost on the CPU); and,
 # ONLY IF this machine has an NVIDIA GPU with CuPy, the same model on both devices, compared, and a
-# fused GELU backward checked against the plain xp code. Without a GPU those parts say so and skip.
+# fused GELU forward checked against the plain xp code. Without a GPU those parts say so and skip.
 #
 # Run: python lessons/12_gpu_with_cupy.py
 
@@ -87,34 +87,33 @@ print(f"on {model.device}: xp = {model.xp.__name__}, logits {type(logits_cpu).__
 
 # %%
 heading("3. What a fused kernel buys")
-show_source(layers.gelu_backward)
+show_source(layers.gelu_forward)
 # On a GPU each xp line is its own kernel: it reads its inputs from GPU memory and writes its result
-# back. gelu_backward runs: x*x, *(-0.5), exp, *x (and the constant), +cdf, *dy: about 6 kernels,
-# each streaming one or two full-size arrays in and one out. The arithmetic is trivial; the time is
-# all memory traffic. A FUSED kernel does the whole formula per element in registers:
-#     read x, cdf, dy once -> compute -> write dx once.
+# back. gelu_forward runs: *c, erf, +1, *0.5 (Phi), x*x, *(-0.5), exp, *x, *c, +cdf (the slope), x*cdf:
+# about 11 kernels, each streaming one or two full-size arrays in and one out. The arithmetic is
+# trivial; the time is all memory traffic. A FUSED kernel does the whole formula per element in registers:
+#     read x once -> compute -> write GELU(x) and the slope once.
 # Estimate for ResMLP-S12, batch 128: the hidden activation (N*B, 4d) of one block, float32:
 elements = 196 * 128 * 1536
 array_bytes = elements * 4
-unfused_transfers = 2 + 2 + 2 + 3 + 3 + 3  # x*x, *c, exp, *x, +cdf, *dy: arrays read + written per step
-fused_transfers = 4  # read x, cdf, dy; write dx
+unfused_transfers = 2 * 8 + 3 * 3  # eight passes that read one array and write one; *x, +cdf, x*cdf read two
+fused_transfers = 3  # read x; write GELU(x) and the slope
 bandwidth = 3.35e12  # bytes/s, an H100's memory bandwidth
 print(f"hidden activation: {elements / 1e6:.1f} M floats = {array_bytes / 1e6:.0f} MB")
 print(f"unfused ~{unfused_transfers} array transfers = {unfused_transfers * array_bytes / bandwidth * 1e3:.2f} ms per block at "
       f"3.35 TB/s; fused {fused_transfers} = {fused_transfers * array_bytes / bandwidth * 1e3:.2f} ms")
 # x 12 blocks x (forward + backward), every step: elementwise layers are a real share of a GPU
 # step once the matmuls run on tensor cores. The same holds on the CPU, where each NumPy pass
-# also streams the array through memory. Measured here: the library's gelu_backward against one
-# plain multiply of the same size (the least any elementwise backward can do).
+# also streams the array through memory. Measured here: the library's gelu_forward against one
+# plain multiply of the same size (the least any elementwise layer can do).
 x = np.random.default_rng(1).normal(size=4_000_000).astype(np.float32)
-_, cache = layers.gelu_forward(x)
 dy = np.ones_like(x)
 
 
-plain_time = best_of(lambda: layers.gelu_backward(dy, cache))
+plain_time = best_of(lambda: layers.gelu_forward(x))
 one_pass = best_of(lambda: dy * x)
-print(f"CPU, 4 M floats: gelu_backward {plain_time * 1e3:.1f} ms, a single multiply {one_pass * 1e3:.1f} ms "
-      f"(x{plain_time / one_pass:.1f}): the price of separate passes (and of exp)")
+print(f"CPU, 4 M floats: gelu_forward {plain_time * 1e3:.1f} ms, a single multiply {one_pass * 1e3:.1f} ms "
+      f"(x{plain_time / one_pass:.1f}): the price of separate passes (and of erf and exp)")
 
 
 # %% [markdown]
@@ -142,15 +141,14 @@ else:
     # round more): equal to ~1e-5, not bit for bit.
     check(logits_gap < 1e-3 and grads_gap < 1e-3, "the same model gives the same logits and gradients on GPU and CPU")
 
-    # The library's fused GELU backward (minimlp.fast.cuda_kernels): one kernel, the formula per element.
-    # It sits beside the plain xp layers.gelu_backward, the reference it is only trusted once it
+    # The library's fused GELU forward (minimlp.fast.cuda_kernels, with fc1's bias): one kernel, the formula
+    # per element. It sits beside the plain xp layers.bias_gelu_forward, the reference it is only trusted once it
     # matches; a model built on the GPU takes it (create_model(..., fast=True), the default: see
     # minimlp/ops.py), one built with fast=False keeps the reference.
     from minimlp.fast import cuda_kernels
-    show_source(cuda_kernels.gelu_backward)
-    x_gpu = cupy.asarray(np.random.default_rng(2).normal(size=196 * 128 * 1536).astype(np.float32))
-    _, gpu_cache = layers.gelu_forward(x_gpu)
-    dy_gpu = cupy.asarray(np.random.default_rng(3).normal(size=x_gpu.size).astype(np.float32))
+    show_source(cuda_kernels.bias_gelu_forward)
+    x_gpu = cupy.asarray(np.random.default_rng(2).normal(size=(196 * 128, 1536)).astype(np.float32))
+    bias_gpu = cupy.asarray(np.random.default_rng(3).normal(size=1536).astype(np.float32))
 
     def gpu_time(function, repeats=20):
         function()
@@ -161,12 +159,13 @@ else:
         cupy.cuda.Device().synchronize()  # GPU work is asynchronous: wait before reading the clock
         return (time.perf_counter() - start) / repeats
 
-    reference = layers.gelu_backward(dy_gpu, gpu_cache)
-    plain_ms = gpu_time(lambda: layers.gelu_backward(dy_gpu, gpu_cache)) * 1e3
-    fused = cuda_kernels.gelu_backward(dy_gpu, gpu_cache)
-    fused_ms = gpu_time(lambda: cuda_kernels.gelu_backward(dy_gpu, gpu_cache)) * 1e3
-    check(float(cupy.abs(fused - reference).max()) < 1e-5, "the fused kernel equals the library's plain xp gelu_backward")
-    print(f"GPU, {x_gpu.size / 1e6:.1f} M floats: plain xp gelu_backward {plain_ms:.2f} ms, fused {fused_ms:.2f} ms")
+    reference = layers.bias_gelu_forward(x_gpu, bias_gpu)
+    plain_ms = gpu_time(lambda: layers.bias_gelu_forward(x_gpu, bias_gpu)) * 1e3
+    fused = cuda_kernels.bias_gelu_forward(x_gpu, bias_gpu)
+    fused_ms = gpu_time(lambda: cuda_kernels.bias_gelu_forward(x_gpu, bias_gpu)) * 1e3
+    check(all(float(cupy.abs(ours - theirs).max()) < 1e-5 for ours, theirs in zip(fused, reference)),
+          "the fused kernel's GELU and slope equal the library's plain xp bias_gelu_forward")
+    print(f"GPU, {x_gpu.size / 1e6:.1f} M floats: plain xp bias_gelu_forward {plain_ms:.2f} ms, fused {fused_ms:.2f} ms")
 
 check(backend.to_numpy(logits_cpu).shape == (8, 10) and np.isfinite(grads_cpu).all(),
       "the model ran forward and backward on this machine's default device")
@@ -181,7 +180,7 @@ check(backend.to_numpy(logits_cpu).shape == (8, 10) and np.isfinite(grads_cpu).a
 #    (the same numbers on every device), dtypes, drop-path masks drawn with a NumPy Generator.
 # 2. Read minimlp/fast/cuda_kernels.py's bias_gelu_forward: which arrays does it read and write, and how many
 #    passes over memory does the plain bias_gelu_forward in layers.py make? Hint: count the xp
-#    operations in gelu_forward, plus the `x += bias`.
+#    operations in gelu_forward, plus the `x + bias`.
 # 3. In section 3, count the bytes of ONE ResMLP-S12 training step that elementwise layers move
 #    (Affine, LayerScale, GELU, residual adds), and compare with the 18 GFLOP of matmuls at ~500
 #    TFLOP/s. -> elementwise work is memory-bound and can cost as much time as the matmuls.

@@ -90,37 +90,35 @@ INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 def gelu_forward(x):
     # y = x * Phi(x),  Phi(x) = (1 + erf(x / sqrt 2)) / 2  the standard normal CDF
-    # Phi is cached: backward then needs no second erf, the costliest elementwise function here
+    # cached: the slope dy/dx = Phi(x) + x * phi(x),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)  the normal density,
+    # taken here while Phi is at hand: backward is one multiply, and one array is kept instead of x and Phi
+    xp = get_xp(x)
     cdf = erf(x * SQRT_HALF)
     cdf += 1.0
     cdf *= 0.5
-    return x * cdf, (x, cdf)
-
-
-def bias_gelu_forward(x, bias):
-    # y = GELU(x + b): fc1's bias added in GELU's pass; x is overwritten with x + b (GELU's input, cached)
-    x += bias
-    return gelu_forward(x)
-
-
-def bias_gelu_backward(dy, cache):
-    # dx = dy * GELU'(x + b);  db = sum over rows of dx    (bias_gelu_forward's two steps, backwards)
-    dx = gelu_backward(dy, cache)
-    return dx, dx.sum(axis=0)
-
-
-def gelu_backward(dy, cache):
-    # dy/dx = Phi(x) + x * phi(x),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)  the standard normal density
-    x, cdf = cache
-    xp = get_xp(x)
     slope = x * x  # then updated in place, step by step: one array instead of a temporary per operation
     slope *= -0.5
     xp.exp(slope, out=slope)
     slope *= x
     slope *= INV_SQRT_2PI
     slope += cdf
-    slope *= dy
-    return slope
+    return x * cdf, slope
+
+
+def gelu_backward(dy, slope):
+    # dx = dy * GELU'(x), the slope gelu_forward kept
+    return dy * slope
+
+
+def bias_gelu_forward(x, bias):
+    # y = GELU(x + b): fc1's bias, left to GELU by linear_forward, added here (the fast paths add it in GELU's pass)
+    return gelu_forward(x + bias)
+
+
+def bias_gelu_backward(dy, slope):
+    # dx = dy * GELU'(x + b);  db = sum over rows of dx    (bias_gelu_forward's two steps, backwards)
+    dx = gelu_backward(dy, slope)
+    return dx, dx.sum(axis=0)
 
 
 # ---------------------------------------------------------------------------------------------

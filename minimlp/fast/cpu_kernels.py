@@ -24,8 +24,8 @@ a matrix product's operand writes it in bfloat16, rounded to nearest even in the
 Affine's output (token mixing's and fc1's input; the last Affine's feeds the mean pool, which reads
 bfloat16 and sums in float32), GELU's output (fc2's input), the gradients that reach fc2 and token
 mixing (residual_backward) and fc1 (bias_gelu_backward), and the image patches (patch_embed_forward
-cuts and rounds them in one pass). Everything else stays float32: what backward keeps (GELU's input
-and Phi), the residual stream, the sums (biases, alpha, gamma) of gradients taken before they are
+cuts and rounds them in one pass). Everything else stays float32: what backward keeps (GELU's
+slope), the residual stream, the sums (biases, alpha, gamma) of gradients taken before they are
 rounded. The float32 loops are untouched; each function asks once per call which kind to run.
 bfloat16 arrays are ml_dtypes.bfloat16 views of the uint16 bits the loops write (Numba cannot type
 that dtype). The AdamW update's loop is minimlp/fast/cpu_optimizer.py.
@@ -176,53 +176,52 @@ def _exp_negative(t):
     return e * e
 
 
+@jit_inline
+def _gelu_and_slope(x):
+    # GELU(x) = x * Phi(x) and its slope Phi(x) + x * phi(x) (minimlp.layers.gelu_forward), per element
+    cdf = HALF * (ONE + _erf(x * SQRT_HALF))
+    return x * cdf, cdf + x * _exp_negative(-HALF * x * x) * INV_SQRT_2PI
+
+
 def bias_gelu_forward(x, bias):
-    # x += b (cached: GELU's input); cdf = Phi(x); y = x * cdf, one pass (y in bfloat16 under bfloat16 products)
+    # y = GELU(x + b) and the slope GELU'(x + b) that backward keeps, one pass (y in bfloat16 under bfloat16
+    # products: fc2's operand; the slope stays float32)
     if cpu_bfloat16_products():
-        activated, cdf = _bias_gelu_bfloat16(x, bias)
-        return activated.view(BFLOAT16), (x, cdf)
-    activated, cdf = _bias_gelu(x, bias)
-    return activated, (x, cdf)
+        activated, slope = _bias_gelu_bfloat16(x, bias)
+        return activated.view(BFLOAT16), slope
+    return _bias_gelu(x, bias)
 
 
 @jit
 def _bias_gelu(x, bias):
-    activated, cdf = np.empty_like(x), np.empty_like(x)
+    activated, slope = np.empty_like(x), np.empty_like(x)
     for i in numba.prange(x.shape[0]):
         for j in range(x.shape[1]):
-            value = x[i, j] + bias[j]
-            x[i, j] = value
-            phi = HALF * (ONE + _erf(value * SQRT_HALF))
-            cdf[i, j] = phi
-            activated[i, j] = value * phi
-    return activated, cdf
+            activated[i, j], slope[i, j] = _gelu_and_slope(x[i, j] + bias[j])
+    return activated, slope
 
 
 @jit
 def _bias_gelu_bfloat16(x, bias):
-    activated, cdf = np.empty(x.shape, np.uint16), np.empty_like(x)
+    activated, slope = np.empty(x.shape, np.uint16), np.empty_like(x)
     for i in numba.prange(x.shape[0]):
         for j in range(x.shape[1]):
-            value = x[i, j] + bias[j]
-            x[i, j] = value
-            phi = HALF * (ONE + _erf(value * SQRT_HALF))
-            cdf[i, j] = phi
-            activated[i, j] = _bfloat16_bits(value * phi)
-    return activated, cdf
+            value, slope[i, j] = _gelu_and_slope(x[i, j] + bias[j])
+            activated[i, j] = _bfloat16_bits(value)
+    return activated, slope
 
 
-def bias_gelu_backward(dy, cache):
-    # dx = dy * (Phi(x) + x * phi(x)); db = sum over rows of dx, in the same pass (dx in bfloat16 under bfloat16
-    # products: fc1's incoming gradient; db sums it before rounding)
-    x, cdf = cache
+def bias_gelu_backward(dy, slope):
+    # dx = dy * slope; db = sum over rows of dx, in the same pass (dx in bfloat16 under bfloat16 products: fc1's
+    # incoming gradient; db sums it before rounding)
     if cpu_bfloat16_products():
-        dx, dbias = _bias_gelu_backward_bfloat16(dy, x, cdf)
+        dx, dbias = _bias_gelu_backward_bfloat16(dy, slope)
         return dx.view(BFLOAT16), dbias
-    return _bias_gelu_backward(dy, x, cdf)
+    return _bias_gelu_backward(dy, slope)
 
 
 @jit
-def _bias_gelu_backward(dy, x, cdf):
+def _bias_gelu_backward(dy, slope):
     rows, dim = dy.shape
     pieces = (rows + ROWS_PER_PARTIAL_SUM - 1) // ROWS_PER_PARTIAL_SUM
     dx = np.empty_like(dy)
@@ -230,15 +229,14 @@ def _bias_gelu_backward(dy, x, cdf):
     for piece in numba.prange(pieces):
         for i in range(piece * ROWS_PER_PARTIAL_SUM, min(rows, (piece + 1) * ROWS_PER_PARTIAL_SUM)):
             for j in range(dim):
-                value = x[i, j]
-                gradient = dy[i, j] * (cdf[i, j] + value * _exp_negative(-HALF * value * value) * INV_SQRT_2PI)
+                gradient = dy[i, j] * slope[i, j]
                 dx[i, j] = gradient
                 dbias_parts[piece, j] += gradient
     return dx, dbias_parts.sum(axis=0)
 
 
 @jit
-def _bias_gelu_backward_bfloat16(dy, x, cdf):
+def _bias_gelu_backward_bfloat16(dy, slope):
     rows, dim = dy.shape
     pieces = (rows + ROWS_PER_PARTIAL_SUM - 1) // ROWS_PER_PARTIAL_SUM
     dx = np.empty(dy.shape, np.uint16)
@@ -246,8 +244,7 @@ def _bias_gelu_backward_bfloat16(dy, x, cdf):
     for piece in numba.prange(pieces):
         for i in range(piece * ROWS_PER_PARTIAL_SUM, min(rows, (piece + 1) * ROWS_PER_PARTIAL_SUM)):
             for j in range(dim):
-                value = x[i, j]
-                gradient = dy[i, j] * (cdf[i, j] + value * _exp_negative(-HALF * value * value) * INV_SQRT_2PI)
+                gradient = dy[i, j] * slope[i, j]
                 dx[i, j] = _bfloat16_bits(gradient)
                 dbias_parts[piece, j] += gradient
     return dx, dbias_parts.sum(axis=0)

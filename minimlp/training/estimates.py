@@ -2,8 +2,8 @@
 anything is allocated) and its duration (from the speed of its first steps).
 
 Peak memory, in float32 values (u = patches x dim, per image):
-- activations kept for backward, per block 18u: the block's input, norm1's output, the token mixing's output,
-  the middle sum, norm2's output (1u each), fc1's output and GELU's cdf and output (4u each), fc2's output (1u);
+- activations kept for backward, per block 14u: the block's input, norm1's output, the token mixing's output,
+  the middle sum, norm2's output (1u each), GELU's output and its slope (4u each), fc2's output (1u);
   plus the patch embedding's image and patches (2 x 3 x H x W) and the final norm (2u). At the start of
   backward they are all alive, with one block's gradients (8u: two of 4u) beside them;
 - the parameters, their gradients and the optimizer's two moments (4 per parameter), its temporaries (2, LAMB 3)
@@ -24,7 +24,7 @@ from ..model import PRESETS
 from .progress import write
 
 FLOAT_BYTES = 4
-ACTIVATIONS_PER_BLOCK, BACKWARD_TRANSIENT = 18, 8  # in units of patches x dim, per image
+ACTIVATIONS_PER_BLOCK, BACKWARD_TRANSIENT = 14, 8  # in units of patches x dim, per image
 PROCESS_BYTES = 260e6  # measured on the CPU: imports (~160 MB) and the Numba kernels' compilation (~100 MB)
 WORKER_BYTES = 80e6  # a forked loader worker's own pages (decoding, its batch being built)
 GPU_CONTEXT_BYTES = 0.4e9
