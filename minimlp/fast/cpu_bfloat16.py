@@ -17,6 +17,9 @@ from ..precision import cpu_bfloat16_products
 from .bf16_gemm import BFLOAT16
 
 F = np.float32
+U = np.uint32  # the constants of _bfloat16_bits, as uint32 (a Python int would widen the arithmetic)
+SIXTEEN, JUST_UNDER_HALF, LOWEST_BIT = U(16), U(0x7FFF), U(1)
+SIGN, QUIET_NAN, MAGNITUDE, INFINITY = U(0x8000), U(0x7FC0), U(0x7FFFFFFF), U(0x7F800000)
 jit = functools.partial(numba.njit, parallel=True, fastmath=True, cache=True)
 jit_inline = functools.partial(numba.njit, fastmath=True, cache=True, inline="always")
 
@@ -28,10 +31,14 @@ def _bfloat16_bits(value):
     # even neighbour), and keep the upper half. A carry runs into the exponent as it should (the largest
     # float32s round to inf; inf stays inf; subnormals round like any other number). A NaN becomes the quiet
     # NaN of its sign, 0x7FC0 or 0xFFC0, as ml_dtypes makes it (the addition could carry a payload into inf).
+    # NumPy's functions rather than operators: Numba widens an operator on uint32 to 64 bits, which halves the
+    # vector width of every loop that inlines this one (GELU's forward ran 25% slower); a ufunc stays uint32.
     bits = np.float32(value).view(np.uint32)
-    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    quiet_nan = ((bits >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7FC0)
-    return np.uint16(quiet_nan if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else rounded)
+    kept = np.right_shift(bits, SIXTEEN)
+    rounded = np.right_shift(np.add(np.add(bits, JUST_UNDER_HALF), np.bitwise_and(kept, LOWEST_BIT)), SIXTEEN)
+    quiet_nan = np.bitwise_or(np.bitwise_and(kept, SIGN), QUIET_NAN)
+    is_nan = np.greater(np.bitwise_and(bits, MAGNITUDE), INFINITY)
+    return np.uint16(quiet_nan if is_nan else rounded)
 
 
 def to_bfloat16(x):
