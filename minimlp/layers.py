@@ -43,19 +43,21 @@ def affine_backward(dy, cache, skip=None):
 # ---------------------------------------------------------------------------------------------
 # Linear over the last axis (channel mixing, patch embedding, classifier head).
 # ---------------------------------------------------------------------------------------------
-def linear_forward(x, weight, bias):
+def linear_forward(x, weight, bias, half_result=False):
     # y = x @ W^T + b    (M, d_in) -> (M, d_out);  W: (d_out, d_in)
-    y = matmul(x, weight.T)
+    # half_result: y may come back rounded to bfloat16 (minimlp.precision.matmul), for fc1, whose y only GELU reads
+    y = matmul(x, weight.T, half_result)
     if bias is not None:  # None: the next layer adds b in its own pass (bias_gelu_forward, residual_forward)
         y += bias
     return y, (x, weight, bias is not None)
 
 
-def linear_backward(dy, cache):
+def linear_backward(dy, cache, half_dx=False):
     # dx = dy @ W;  dW = dy^T @ x;  db = sum_rows(dy)  (None when the bias was left to the next layer,
     # which then returns its gradient: bias_gelu_backward, residual_backward)
+    # half_dx: dx may come back rounded to bfloat16 (minimlp.precision.matmul), for fc2, whose dx only GELU reads
     x, weight, has_bias = cache
-    return matmul(dy, weight), matmul(dy.T, x), dy.sum(axis=0) if has_bias else None
+    return matmul(dy, weight, half_dx), matmul(dy.T, x), dy.sum(axis=0) if has_bias else None
 
 
 # ---------------------------------------------------------------------------------------------

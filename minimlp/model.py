@@ -74,7 +74,7 @@ def block_forward(tokens, p, masks=(None, None), op=REFERENCE_OPERATIONS):
     middle, residual1 = op.residual_forward(tokens, mixed, p["attn.bias"][:, None, None], p["gamma_1"], masks[0])
 
     normed, norm2 = op.affine_forward(middle, p["norm2.alpha"], p["norm2.beta"])
-    hidden, fc1 = op.linear_forward(normed.reshape(patches * images, dim), p["mlp.fc1.weight"], None)
+    hidden, fc1 = op.linear_forward(normed.reshape(patches * images, dim), p["mlp.fc1.weight"], None, half_result=True)
     activated, act = op.bias_gelu_forward(hidden, p["mlp.fc1.bias"])
     channel_out, fc2 = op.linear_forward(activated, p["mlp.fc2.weight"], None)
     out, residual2 = op.residual_forward(middle, channel_out.reshape(tokens.shape), p["mlp.fc2.bias"],
@@ -88,7 +88,8 @@ def block_backward(dout, cache, op=REFERENCE_OPERATIONS):
     norm1, attn, residual1, norm2, fc1, act, fc2, residual2 = cache
     grads = {}
     dchannel_out, grads["mlp.fc2.bias"], grads["gamma_2"] = op.residual_backward(dout, residual2)
-    dactivated, grads["mlp.fc2.weight"], _ = op.linear_backward(dchannel_out.reshape(-1, dout.shape[-1]), fc2)
+    dactivated, grads["mlp.fc2.weight"], _ = op.linear_backward(dchannel_out.reshape(-1, dout.shape[-1]), fc2,
+                                                                half_dx=True)
     dhidden, grads["mlp.fc1.bias"] = op.bias_gelu_backward(dactivated, act)
     dnormed, grads["mlp.fc1.weight"], _ = op.linear_backward(dhidden, fc1)
     # the skip path carries dout to `middle` unchanged: dmiddle = dout + the branch's gradient

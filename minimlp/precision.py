@@ -9,6 +9,8 @@ What is 16-bit and what is not. Only the operands of the matrix products (where 
 arithmetic is, and where tensor cores and the CPU's AMX/AVX-512-BF16 units take 16-bit numbers at many
 times the float32 rate). The products are accumulated and returned in float32; weights, optimizer
 moments, activations kept for backward, elementwise layers, the loss: all stay float32 ("master weights").
+One exception, on the CPU's bfloat16 path only: the two products whose results only GELU reads return them
+in bfloat16 (matmul's half_result), as PyTorch's autocast returns every product; GELU computes in float32.
 
 The three policies (train.py: no --amp; --amp --amp-dtype float16; --amp --amp-dtype bfloat16):
   float32   the products in the operands' own dtype; nothing else: the step calls nothing of the policy.
@@ -88,18 +90,23 @@ def autocast(dtype="float16"):
         _matmul_dtype = previous
 
 
-def matmul(a, b):
+def matmul(a, b, half_result=False):
     """a @ b for 2-D arrays: every matrix product of the model goes through here.
 
     Outside autocast(): the plain product in the operands' dtype (float32 on the GPU uses TF32 tensor
     cores unless --no-tf32). Inside: both operands rounded to the autocast dtype, products accumulated in
-    float32, result float32 (M, N)."""
+    float32, result float32 (M, N).
+
+    half_result=True: the caller also takes the result rounded to bfloat16, and gets it so where the CPU's
+    bfloat16 products run (cpu_bfloat16_products()); elsewhere float32. The model asks it for the two
+    products whose results only GELU reads, fc1's output and fc2's input gradient, the widest of a block
+    (4d): rounded as oneDNN stores them, they take half the bytes to write and to read."""
     if _matmul_dtype is None:
         return a @ b
     if get_xp(a) is np:
         if _matmul_dtype == "bfloat16" and cpu_bfloat16_products():
-            from .fast import bf16_gemm
-            return bf16_gemm.matmul(a, b)  # the CPU's bfloat16 instructions, through oneDNN
+            from .fast import bf16_gemm  # the CPU's bfloat16 instructions, through oneDNN
+            return bf16_gemm.matmul(a, b, dtype=bf16_gemm.BFLOAT16 if half_result else np.float32)
         return _half_matmul_emulated(a, b, _matmul_dtype)
     return _half_matmul_cublas(a, b, _matmul_dtype)
 

@@ -152,6 +152,23 @@ def test_fused_outputs_are_the_float32_outputs_rounded():
 
 
 @needs_bf16
+def test_gelu_reads_bfloat16_inputs_as_their_float32_values():
+    """Under bfloat16 products fc1's output and fc2's input gradient reach GELU in bfloat16: its loops read each
+    as the float32 it is exactly, giving bit for bit what the same values in float32 give."""
+    rng = np.random.default_rng(4)
+    rows, dim = 150, 40
+    x = cpu_kernels.to_bfloat16(3 * rng.normal(size=(rows, dim)).astype(np.float32))
+    dy = cpu_kernels.to_bfloat16(rng.normal(size=(rows, dim)).astype(np.float32))
+    bias = rng.normal(size=dim).astype(np.float32)
+    with autocast("bfloat16"):
+        from_bits, from_floats = (cpu_kernels.bias_gelu_forward(v, bias) for v in (x, x.astype(np.float32)))
+        slope = from_floats[1]
+        back_bits, back_floats = (cpu_kernels.bias_gelu_backward(g, slope) for g in (dy, dy.astype(np.float32)))
+    for ours, theirs in zip(from_bits + back_bits, from_floats + back_floats):
+        assert ours.dtype == theirs.dtype and np.array_equal(ours.view(np.uint8), theirs.view(np.uint8))
+
+
+@needs_bf16
 def test_float32_path_is_untouched_outside_bfloat16():
     rng = np.random.default_rng(4)
     x = rng.normal(size=(6, 4, 8)).astype(np.float32)
@@ -223,7 +240,7 @@ def test_product_into_out_and_empty_and_other_views():
 def test_autocast_routes_cpu_products_to_the_library(monkeypatch):
     calls = []
     real = bf16_gemm.matmul
-    monkeypatch.setattr(bf16_gemm, "matmul", lambda a, b: calls.append(1) or real(a, b))
+    monkeypatch.setattr(bf16_gemm, "matmul", lambda a, b, **options: calls.append(1) or real(a, b, **options))
     a, b = np.ones((4, 3), np.float32), np.ones((3, 2), np.float32)
     with autocast("bfloat16"):
         assert precision.cpu_bfloat16_products()
@@ -233,6 +250,31 @@ def test_autocast_routes_cpu_products_to_the_library(monkeypatch):
     with autocast("float16"):
         precision.matmul(a, b)
     assert len(calls) == 1
+
+
+@needs_bf16
+def test_a_half_result_is_the_float32_product_rounded_and_only_under_bfloat16_products():
+    """precision.matmul(..., half_result=True), what the model asks for fc1's output and fc2's input gradient:
+    under the CPU's bfloat16 products, the float32 sums rounded to nearest even (oneDNN rounds them as it stores
+    them: each equals ml_dtypes' rounding of the float32 result); outside, float32 as always."""
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(300, 200)).astype(np.float32), rng.normal(size=(200, 77)).astype(np.float32)
+    with autocast("bfloat16"):
+        full, half = precision.matmul(a, b), precision.matmul(a, b, half_result=True)
+    assert full.dtype == np.float32 and half.dtype == bf16_gemm.BFLOAT16
+    assert np.array_equal(half.view(np.uint16), full.astype(bf16_gemm.BFLOAT16).view(np.uint16))
+    assert not np.array_equal(half.astype(np.float32), full), "the result was not rounded at all"
+    with autocast("float16"):
+        assert precision.matmul(a, b, half_result=True).dtype == np.float32
+    assert precision.matmul(a, b, half_result=True).dtype == np.float32
+
+
+def test_the_library_takes_only_float32_or_bfloat16_results():
+    if bf16_gemm.unavailable_reason():
+        pytest.skip(bf16_gemm.unavailable_reason())
+    a = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        bf16_gemm.matmul(a, a.T, dtype=np.float16)
 
 
 # --------------------------------------------------------------------------------------------- whole step
@@ -248,7 +290,8 @@ def _gradients(model, images, targets, dtype):
 def test_whole_step_gradients_against_float64(monkeypatch):
     """resmlp_tiny (6 blocks), one forward and backward under bfloat16 against the reference model in float64
     from the same weights. Every product goes through the library with its activations and gradients
-    already in bfloat16 (the fused rounding); every gradient tensor lies within 3% (norm-wise) of float64's,
+    already in bfloat16 (the fused rounding), and the two results that only GELU reads come back in bfloat16;
+    every gradient tensor lies within 3% (norm-wise) of float64's,
     and further from it than float32 would be (1e-4): the products did run in bfloat16.
     Where the 3% comes from: each product is off by about 2^-8 relative (bounded above), a backward pass chains
     about 20 of them whose errors add in quadrature, and the small gradients of Affine and LayerScale are sums
@@ -260,12 +303,21 @@ def test_whole_step_gradients_against_float64(monkeypatch):
     model = create_model("resmlp_tiny", seed=3)
     reference = create_model("resmlp_tiny", seed=3, dtype="float64", fast=False)
     activation_sizes = {64 * images_per_batch, images_per_batch * 128}
-    operands = []
+    operands, results = [], []
     real = bf16_gemm.matmul
-    monkeypatch.setattr(bf16_gemm, "matmul", lambda a, b: operands.append((a, b)) or real(a, b))
+
+    def recorded(a, b, **options):
+        operands.append((a, b))
+        results.append(real(a, b, **options))
+        return results[-1]
+
+    monkeypatch.setattr(bf16_gemm, "matmul", recorded)
     ours = _gradients(model, images, targets, "bfloat16")
     depth = model.config["depth"]
     assert len(operands) == 9 * depth + 5, "every product: 3 per block forward, 6 backward, patches, head"
+    hidden = 64 * images_per_batch, model.config["mlp_ratio"] * model.config["dim"]
+    assert [c.shape for c in results if c.dtype == bf16_gemm.BFLOAT16] == [hidden] * (2 * depth), \
+        "fc1's output and fc2's input gradient, which only GELU reads, come back in bfloat16; nothing else"
     rounded_by_the_library = [x.shape for pair in operands for x in pair
                               if x.dtype != bf16_gemm.BFLOAT16 and activation_sizes & set(x.shape)]
     assert rounded_by_the_library == [(128, 64 * images_per_batch)], \

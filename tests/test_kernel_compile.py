@@ -430,9 +430,9 @@ def bfloat16_operands(dtype):
     reshapes) in bfloat16 training steps on the CPU, drop path off and on: what to_bfloat16 rounds on the GPU."""
     operands = []
 
-    def recording_matmul(a, b):
+    def recording_matmul(a, b, half_result=False):
         operands.extend((a, b))
-        return precision.matmul(a, b)
+        return precision.matmul(a, b, half_result)
     original, layers.matmul = layers.matmul, recording_matmul
     try:
         for drop_path in (0.0, 0.1):

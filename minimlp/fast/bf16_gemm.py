@@ -2,6 +2,7 @@
 
     from minimlp.fast import bf16_gemm
     c = bf16_gemm.matmul(a, b)     # a (M, K), b (K, N): bfloat16 or float32 -> c float32 (M, N)
+    c = bf16_gemm.matmul(a, b, dtype=bf16_gemm.BFLOAT16)   # the same sums, rounded to bfloat16 by oneDNN
 
 Install (optional, not in requirements.txt):  pip install onednn-cpu-gomp ml-dtypes
 
@@ -186,10 +187,11 @@ LAYOUTS = ("blocked", "plain")  # how B reaches the matmul: reordered into oneDN
 BLOCKED_FROM_ROWS = 1024  # B is reordered when A has at least this many rows (benchmarks/bf16_gemm.py)
 
 
-def matmul(a, b, out=None, layout=None):
+def matmul(a, b, out=None, layout=None, dtype=np.float32):
     """a @ b: a (M, K), b (K, N), each bfloat16 or float32 (then rounded to bfloat16 to nearest even), row-major
-    or the transposed view of a row-major array (read as they are; other views are copied). Returns float32 (M, N),
-    C-contiguous, written into `out` if given: the products of bfloat16 operands, summed in float32.
+    or the transposed view of a row-major array (read as they are; other views are copied). Returns (M, N) in
+    `dtype`, C-contiguous, written into `out` if given: the products of bfloat16 operands, summed in float32;
+    dtype BFLOAT16: those float32 sums rounded to nearest even as they are stored (half the bytes written).
 
     layout: how B is read. "blocked": first reordered into oneDNN's blocked layout (one pass over B, which
     pays back when many rows of A reuse it: the weights of fc1/fc2/patch embedding, and the weight gradients);
@@ -199,13 +201,15 @@ def matmul(a, b, out=None, layout=None):
         raise ValueError(f"bf16_gemm.matmul: shapes {a.shape} @ {b.shape} do not multiply")
     a, b = _operand(a), _operand(b)
     if out is None:
-        out = np.empty((a.shape[0], b.shape[1]), np.float32)
+        out = np.empty((a.shape[0], b.shape[1]), dtype)
+    if out.dtype != np.float32 and out.dtype != BFLOAT16:
+        raise ValueError(f"bf16_gemm.matmul: the result is float32 or bfloat16, not {out.dtype}")
     if out.size == 0 or a.shape[1] == 0:
         out[...] = 0.0
         return out
     if layout is None:
         layout = "blocked" if a.shape[0] >= BLOCKED_FROM_ROWS else "plain"
-    _plan(a, b, layout).execute(a, b, out)
+    _plan(a, b, layout, _dtype_name(out)).execute(a, b, out)
     return out
 
 
@@ -233,30 +237,30 @@ _plans = {}  # (shapes, strides, dtypes, layout) -> _Plan; a training run uses a
 MAX_PLANS = 512
 
 
-def _plan(a, b, layout):
-    key = (a.shape, _element_strides(a), _dtype_name(a), b.shape, _element_strides(b), _dtype_name(b), layout)
+def _plan(a, b, layout, result="float32"):
+    key = (a.shape, _element_strides(a), _dtype_name(a), b.shape, _element_strides(b), _dtype_name(b), layout, result)
     plan = _plans.get(key)
     if plan is None:
         if layout not in LAYOUTS:
             raise ValueError(f"bf16_gemm.matmul: layout {layout!r} is not one of {LAYOUTS}")
         if len(_plans) >= MAX_PLANS:
             _plans.clear()
-        plan = _plans[key] = _Plan(a, b, layout)
+        plan = _plans[key] = _Plan(a, b, layout, result)
     return plan
 
 
 class _Plan:
     """The oneDNN objects for one kind of product (shapes, strides, dtypes, layout), made once: the matmul
     primitive (src: bfloat16 with a's strides; weights: B, bfloat16, in the layout oneDNN picks or with
-    b's strides; dst: float32 row-major), and the reorders that round a float32 a into bfloat16 of the
+    b's strides; dst: float32 or bfloat16, row-major), and the reorders that round a float32 a into bfloat16 of the
     same layout and bring b into the weights' layout (rounding it when it is float32)."""
 
-    def __init__(self, a, b, layout):
+    def __init__(self, a, b, layout, result):
         lib, engine = _library(), _state["engine"]
         self.lib = lib
         (rows, inner), columns = a.shape, b.shape[1]
         src = self._desc(a.shape, _element_strides(a), "bfloat16")
-        dst = self._desc((rows, columns), (columns, 1), "float32")
+        dst = self._desc((rows, columns), (columns, 1), result)
         if layout == "blocked":
             weights = ctypes.c_void_p()
             _check(lib.dnnl_memory_desc_create_with_tag(ctypes.byref(weights), 2, _Dims(inner, columns),

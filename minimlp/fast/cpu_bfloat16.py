@@ -10,6 +10,7 @@ loops of cpu_kernels.py that inline it are recompiled only once their cache is g
 import functools
 
 import numba
+import numba.extending
 import numpy as np
 
 from .. import layers
@@ -39,6 +40,33 @@ def _bfloat16_bits(value):
     quiet_nan = np.bitwise_or(np.bitwise_and(kept, SIGN), QUIET_NAN)
     is_nan = np.greater(np.bitwise_and(bits, MAGNITUDE), INFINITY)
     return np.uint16(quiet_nan if is_nan else rounded)
+
+
+def float32_of(value):
+    """Inside a loop: an element as float32 (a float32 as it is; a bfloat16's uint16 bits widened, exactly), so
+    that one loop reads either (Numba compiles it once for each). Only Numba calls it: see the overload below."""
+    raise TypeError("float32_of is only for Numba loops")
+
+
+@numba.extending.overload(float32_of, inline="always")
+def _float32_of(value):
+    if isinstance(value, numba.types.Integer):
+        return _widened
+    return _as_it_is
+
+
+def _widened(value):  # the bits of a bfloat16: its float32 is them, then 16 zero bits
+    return np.uint32(np.uint32(value) << SIXTEEN).view(np.float32)
+
+
+def _as_it_is(value):
+    return value
+
+
+def readable(x):
+    """x as a Numba loop can take it: a bfloat16 array as its uint16 bits (Numba cannot type ml_dtypes' dtype),
+    any other as it is."""
+    return x.view(np.uint16) if x.dtype == BFLOAT16 else x
 
 
 def to_bfloat16(x):

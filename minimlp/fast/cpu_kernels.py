@@ -24,7 +24,9 @@ a matrix product's operand writes it in bfloat16, rounded to nearest even in the
 Affine's output (token mixing's and fc1's input; the last Affine's feeds the mean pool, which reads
 bfloat16 and sums in float32), GELU's output (fc2's input), the gradients that reach fc2 and token
 mixing (residual_backward) and fc1 (bias_gelu_backward), and the image patches (patch_embed_forward
-cuts and rounds them in one pass). Everything else stays float32: what backward keeps (GELU's
+cuts and rounds them in one pass). GELU's two inputs, fc1's output and fc2's input gradient, come from
+oneDNN already in bfloat16 (minimlp.precision.matmul's half_result) and are read as the float32 they
+are (`float32_of`, which lets one loop take either dtype). Everything else stays float32: what backward keeps (GELU's
 slope), the residual stream, the sums (biases, alpha, gamma) of gradients taken before they are
 rounded. The float32 loops are untouched; each function asks once per call which kind to run.
 bfloat16 arrays are ml_dtypes.bfloat16 views of the uint16 bits the loops write (Numba cannot type
@@ -40,7 +42,7 @@ from ..backend import ERF_DENOMINATOR, ERF_NUMERATOR
 from ..precision import cpu_bfloat16_products
 from . import cpu_settings
 from .bf16_gemm import BFLOAT16
-from .cpu_bfloat16 import _bfloat16_bits, mean_pool_forward, patch_embed_forward, to_bfloat16  # noqa: F401
+from .cpu_bfloat16 import _bfloat16_bits, float32_of, readable, mean_pool_forward, patch_embed_forward, to_bfloat16  # noqa: F401,E501
 from .cpu_optimizer import adamw_update  # noqa: F401  (the last two: OPERATIONS)
 
 OPERATIONS = ("affine_forward", "affine_backward", "bias_gelu_forward", "bias_gelu_backward", "residual_forward",
@@ -184,10 +186,10 @@ def _gelu_and_slope(x):
 
 
 def bias_gelu_forward(x, bias):
-    # y = GELU(x + b) and the slope GELU'(x + b) that backward keeps, one pass (y in bfloat16 under bfloat16
-    # products: fc2's operand; the slope stays float32)
+    # y = GELU(x + b) and the slope GELU'(x + b) that backward keeps, one pass (under bfloat16 products x comes
+    # in bfloat16 and y goes out in bfloat16, fc2's operand; the slope stays float32)
     if cpu_bfloat16_products():
-        activated, slope = _bias_gelu_bfloat16(x, bias)
+        activated, slope = _bias_gelu_bfloat16(readable(x), bias)
         return activated.view(BFLOAT16), slope
     return _bias_gelu(x, bias)
 
@@ -202,20 +204,20 @@ def _bias_gelu(x, bias):
 
 
 @jit
-def _bias_gelu_bfloat16(x, bias):
-    activated, slope = np.empty(x.shape, np.uint16), np.empty_like(x)
+def _bias_gelu_bfloat16(x, bias):  # x: float32, or bfloat16 bits
+    activated, slope = np.empty(x.shape, np.uint16), np.empty(x.shape, np.float32)
     for i in numba.prange(x.shape[0]):
         for j in range(x.shape[1]):
-            value, slope[i, j] = _gelu_and_slope(x[i, j] + bias[j])
+            value, slope[i, j] = _gelu_and_slope(float32_of(x[i, j]) + bias[j])
             activated[i, j] = _bfloat16_bits(value)
     return activated, slope
 
 
 def bias_gelu_backward(dy, slope):
-    # dx = dy * slope; db = sum over rows of dx, in the same pass (dx in bfloat16 under bfloat16 products: fc1's
-    # incoming gradient; db sums it before rounding)
+    # dx = dy * slope; db = sum over rows of dx, in the same pass (under bfloat16 products dy comes in bfloat16
+    # and dx goes out in bfloat16, fc1's incoming gradient; db sums it before rounding)
     if cpu_bfloat16_products():
-        dx, dbias = _bias_gelu_backward_bfloat16(dy, slope)
+        dx, dbias = _bias_gelu_backward_bfloat16(readable(dy), slope)
         return dx.view(BFLOAT16), dbias
     return _bias_gelu_backward(dy, slope)
 
@@ -236,15 +238,15 @@ def _bias_gelu_backward(dy, slope):
 
 
 @jit
-def _bias_gelu_backward_bfloat16(dy, slope):
+def _bias_gelu_backward_bfloat16(dy, slope):  # dy: float32, or bfloat16 bits
     rows, dim = dy.shape
     pieces = (rows + ROWS_PER_PARTIAL_SUM - 1) // ROWS_PER_PARTIAL_SUM
     dx = np.empty(dy.shape, np.uint16)
-    dbias_parts = np.zeros((pieces, dim), dy.dtype)
+    dbias_parts = np.zeros((pieces, dim), np.float32)
     for piece in numba.prange(pieces):
         for i in range(piece * ROWS_PER_PARTIAL_SUM, min(rows, (piece + 1) * ROWS_PER_PARTIAL_SUM)):
             for j in range(dim):
-                gradient = dy[i, j] * slope[i, j]
+                gradient = float32_of(dy[i, j]) * slope[i, j]
                 dx[i, j] = _bfloat16_bits(gradient)
                 dbias_parts[piece, j] += gradient
     return dx, dbias_parts.sum(axis=0)
