@@ -1,9 +1,12 @@
 """The CPU fast path's bfloat16 pieces (minimlp.fast.cpu_kernels' docstring says where bfloat16 operands
 come from): the float32 -> bfloat16 rounding that every loop writing a product's operand inlines
-(`_bfloat16_bits`), and the two operations that exist for bfloat16 products only: the patch embedding's
-cut-and-round and the mean pool over bfloat16 tokens (float32 inputs take the reference).
+(`_bfloat16_bits`); what lets one loop serve both precisions, `stored` (a write: rounded into bfloat16
+bits, as it is into float32) and `float32_of` (a read: bfloat16 bits widened, a float32 as it is), with
+`operand_output`, `readable` and `viewed` on the Python side of a loop; and the two operations that exist
+for bfloat16 products only: the patch embedding's cut-and-round and the mean pool over bfloat16 tokens
+(float32 inputs take the reference).
 
-Numba's on-disk cache watches only the file a loop is defined in: after editing `_bfloat16_bits`, the
+Numba's on-disk cache watches only the file a loop is defined in: after editing anything here, the
 loops of cpu_kernels.py that inline it are recompiled only once their cache is gone
 (`rm -r minimlp/fast/__pycache__`). A fresh clone (CI) has none.
 """
@@ -63,10 +66,43 @@ def _as_it_is(value):
     return value
 
 
+def stored(array, value):
+    """Inside a loop: the float32 `value` as `array` keeps it: as it is in a float32 array, rounded to nearest
+    even in the uint16 bits of a bfloat16 one, so that one loop writes either (Numba compiles it once for each).
+    Only Numba calls it: see the overload below."""
+    raise TypeError("stored is only for Numba loops")
+
+
+@numba.extending.overload(stored, inline="always")
+def _stored(array, value):
+    if isinstance(array.dtype, numba.types.Integer):
+        return _stored_rounded
+    return _stored_as_it_is
+
+
+def _stored_rounded(array, value):
+    return _bfloat16_bits(value)
+
+
+def _stored_as_it_is(array, value):
+    return value
+
+
 def readable(x):
     """x as a Numba loop can take it: a bfloat16 array as its uint16 bits (Numba cannot type ml_dtypes' dtype),
     any other as it is."""
     return x.view(np.uint16) if x.dtype == BFLOAT16 else x
+
+
+def operand_output(shape):
+    """An empty array for a loop to write a product's operand into: bfloat16 bits (uint16) under bfloat16
+    products, float32 elsewhere (what `stored` rounds or not)."""
+    return np.empty(shape, np.uint16 if cpu_bfloat16_products() else np.float32)
+
+
+def viewed(array):
+    """A loop's output as the library hands it on: bfloat16 bits viewed as bfloat16, float32 as it is."""
+    return array.view(BFLOAT16) if array.dtype == np.uint16 else array
 
 
 def to_bfloat16(x):

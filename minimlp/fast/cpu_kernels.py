@@ -19,16 +19,18 @@ this fast path.
 
 bfloat16 products (inside autocast("bfloat16"), where minimlp.precision.cpu_bfloat16_products() says the
 CPU multiplies bfloat16 in hardware through minimlp/fast/bf16_gemm.py): each loop whose output is only
-a matrix product's operand writes it in bfloat16, rounded to nearest even in the same pass
-(`_bfloat16_bits`, minimlp/fast/cpu_bfloat16.py), so no product pays a rounding pass of its own:
-Affine's output (token mixing's and fc1's input; the last Affine's feeds the mean pool, which reads
-bfloat16 and sums in float32), GELU's output (fc2's input), the gradients that reach fc2 and token
-mixing (residual_backward) and fc1 (bias_gelu_backward), and the image patches (patch_embed_forward
-cuts and rounds them in one pass). GELU's two inputs, fc1's output and fc2's input gradient, come from
-oneDNN already in bfloat16 (minimlp.precision.matmul's half_result) and are read as the float32 they
-are (`float32_of`, which lets one loop take either dtype). Everything else stays float32: what backward keeps (GELU's
-slope), the residual stream, the sums (biases, alpha, gamma) of gradients taken before they are
-rounded. The float32 loops are untouched; each function asks once per call which kind to run.
+a matrix product's operand writes it in bfloat16, rounded to nearest even in the same pass, so no
+product pays a rounding pass of its own: Affine's output (token mixing's and fc1's input; the last
+Affine's feeds the mean pool, which reads bfloat16 and sums in float32), GELU's output (fc2's input),
+the gradients that reach fc2 and token mixing (residual_backward) and fc1 (bias_gelu_backward), and the
+image patches (patch_embed_forward cuts and rounds them in one pass). GELU's two inputs, fc1's output
+and fc2's input gradient, come from oneDNN already in bfloat16 (minimlp.precision.matmul's half_result).
+Everything else stays float32: what backward keeps (GELU's slope), the residual stream, the sums
+(biases, alpha, gamma) of gradients taken before they are rounded.
+One loop serves both precisions: each such function allocates its output as operand_output (bfloat16
+bits under bfloat16 products, float32 elsewhere), and the loop writes `stored(out, value)` and reads
+`float32_of(x[i])`, which Numba resolves for the array's dtype when it compiles the loop, once for each
+(minimlp/fast/cpu_bfloat16.py): in float32 they are the value itself, so the float32 loop is what it was.
 bfloat16 arrays are ml_dtypes.bfloat16 views of the uint16 bits the loops write (Numba cannot type
 that dtype). The AdamW update's loop is minimlp/fast/cpu_optimizer.py.
 """
@@ -39,10 +41,9 @@ import numba
 import numpy as np
 
 from ..backend import ERF_DENOMINATOR, ERF_NUMERATOR
-from ..precision import cpu_bfloat16_products
 from . import cpu_settings
-from .bf16_gemm import BFLOAT16
-from .cpu_bfloat16 import _bfloat16_bits, float32_of, readable, mean_pool_forward, patch_embed_forward, to_bfloat16  # noqa: F401,E501
+from .cpu_bfloat16 import float32_of, operand_output, readable, stored, viewed
+from .cpu_bfloat16 import mean_pool_forward, patch_embed_forward, to_bfloat16  # noqa: F401  (OPERATIONS; tests)
 from .cpu_optimizer import adamw_update  # noqa: F401  (the last two: OPERATIONS)
 
 OPERATIONS = ("affine_forward", "affine_backward", "bias_gelu_forward", "bias_gelu_backward", "residual_forward",
@@ -97,27 +98,16 @@ class _FirstCompile(numba.core.event.Listener):
 def affine_forward(x, alpha, beta):
     # y = alpha * x + beta, one pass (y in bfloat16 under bfloat16 products: a product's operand)
     rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
-    if cpu_bfloat16_products():
-        return _affine_bfloat16(rows, alpha, beta).view(BFLOAT16).reshape(x.shape), (x, alpha)
-    return _affine(rows, alpha, beta).reshape(x.shape), (x, alpha)
+    y = operand_output(rows.shape)
+    _affine(rows, alpha, beta, y)
+    return viewed(y).reshape(x.shape), (x, alpha)
 
 
 @jit
-def _affine(x, alpha, beta):
-    y = np.empty_like(x)
+def _affine(x, alpha, beta, y):  # y: float32, or bfloat16 bits
     for i in numba.prange(x.shape[0]):
         for j in range(x.shape[1]):
-            y[i, j] = alpha[j] * x[i, j] + beta[j]
-    return y
-
-
-@jit
-def _affine_bfloat16(x, alpha, beta):
-    y = np.empty(x.shape, np.uint16)
-    for i in numba.prange(x.shape[0]):
-        for j in range(x.shape[1]):
-            y[i, j] = _bfloat16_bits(alpha[j] * x[i, j] + beta[j])
-    return y
+            y[i, j] = stored(y, alpha[j] * x[i, j] + beta[j])
 
 
 def affine_backward(dy, cache, skip=None):
@@ -188,68 +178,39 @@ def _gelu_and_slope(x):
 def bias_gelu_forward(x, bias):
     # y = GELU(x + b) and the slope GELU'(x + b) that backward keeps, one pass (under bfloat16 products x comes
     # in bfloat16 and y goes out in bfloat16, fc2's operand; the slope stays float32)
-    if cpu_bfloat16_products():
-        activated, slope = _bias_gelu_bfloat16(readable(x), bias)
-        return activated.view(BFLOAT16), slope
-    return _bias_gelu(x, bias)
+    activated, slope = operand_output(x.shape), np.empty(x.shape, np.float32)
+    _bias_gelu(readable(x), bias, activated, slope)
+    return viewed(activated), slope
 
 
 @jit
-def _bias_gelu(x, bias):
-    activated, slope = np.empty_like(x), np.empty_like(x)
-    for i in numba.prange(x.shape[0]):
-        for j in range(x.shape[1]):
-            activated[i, j], slope[i, j] = _gelu_and_slope(x[i, j] + bias[j])
-    return activated, slope
-
-
-@jit
-def _bias_gelu_bfloat16(x, bias):  # x: float32, or bfloat16 bits
-    activated, slope = np.empty(x.shape, np.uint16), np.empty(x.shape, np.float32)
+def _bias_gelu(x, bias, activated, slope):  # x and activated: float32, or bfloat16 bits
     for i in numba.prange(x.shape[0]):
         for j in range(x.shape[1]):
             value, slope[i, j] = _gelu_and_slope(float32_of(x[i, j]) + bias[j])
-            activated[i, j] = _bfloat16_bits(value)
-    return activated, slope
+            activated[i, j] = stored(activated, value)
 
 
 def bias_gelu_backward(dy, slope):
     # dx = dy * slope; db = sum over rows of dx, in the same pass (under bfloat16 products dy comes in bfloat16
     # and dx goes out in bfloat16, fc1's incoming gradient; db sums it before rounding)
-    if cpu_bfloat16_products():
-        dx, dbias = _bias_gelu_backward_bfloat16(readable(dy), slope)
-        return dx.view(BFLOAT16), dbias
-    return _bias_gelu_backward(dy, slope)
+    dx = operand_output(dy.shape)
+    dbias = _bias_gelu_backward(readable(dy), slope, dx)
+    return viewed(dx), dbias
 
 
 @jit
-def _bias_gelu_backward(dy, slope):
+def _bias_gelu_backward(dy, slope, dx):  # dy and dx: float32, or bfloat16 bits
     rows, dim = dy.shape
     pieces = (rows + ROWS_PER_PARTIAL_SUM - 1) // ROWS_PER_PARTIAL_SUM
-    dx = np.empty_like(dy)
-    dbias_parts = np.zeros((pieces, dim), dy.dtype)
-    for piece in numba.prange(pieces):
-        for i in range(piece * ROWS_PER_PARTIAL_SUM, min(rows, (piece + 1) * ROWS_PER_PARTIAL_SUM)):
-            for j in range(dim):
-                gradient = dy[i, j] * slope[i, j]
-                dx[i, j] = gradient
-                dbias_parts[piece, j] += gradient
-    return dx, dbias_parts.sum(axis=0)
-
-
-@jit
-def _bias_gelu_backward_bfloat16(dy, slope):  # dy: float32, or bfloat16 bits
-    rows, dim = dy.shape
-    pieces = (rows + ROWS_PER_PARTIAL_SUM - 1) // ROWS_PER_PARTIAL_SUM
-    dx = np.empty(dy.shape, np.uint16)
     dbias_parts = np.zeros((pieces, dim), np.float32)
     for piece in numba.prange(pieces):
         for i in range(piece * ROWS_PER_PARTIAL_SUM, min(rows, (piece + 1) * ROWS_PER_PARTIAL_SUM)):
             for j in range(dim):
                 gradient = float32_of(dy[i, j]) * slope[i, j]
-                dx[i, j] = _bfloat16_bits(gradient)
+                dx[i, j] = stored(dx, gradient)
                 dbias_parts[piece, j] += gradient
-    return dx, dbias_parts.sum(axis=0)
+    return dbias_parts.sum(axis=0)
 
 
 # --------------------------------------------------------------------------------------------- residual
@@ -280,43 +241,26 @@ def residual_backward(dy, cache):
     # (dbranch in bfloat16 under bfloat16 products: the incoming gradient of fc2 or token mixing; the sums are
     # taken before rounding)
     (branch, gamma), mask, bias_shape = cache
-    kernel = _residual_backward_bfloat16 if cpu_bfloat16_products() else _residual_backward
-    dbranch, sums_per_patch, sums_per_patch_channel, dgamma = kernel(
-        np.ascontiguousarray(dy), branch, gamma, _scale_of(mask, dy))
+    dbranch = operand_output(dy.shape)
+    sums_per_patch, sums_per_patch_channel, dgamma = _residual_backward(
+        np.ascontiguousarray(dy), branch, gamma, _scale_of(mask, dy), dbranch)
     dbias = sums_per_patch.reshape(bias_shape) if len(bias_shape) == 3 else sums_per_patch_channel.sum(axis=0)
-    return (dbranch.view(BFLOAT16) if dbranch.dtype == np.uint16 else dbranch), dbias, dgamma
+    return viewed(dbranch), dbias, dgamma
 
 
 @jit
-def _residual_backward(dy, branch, gamma, scale):
+def _residual_backward(dy, branch, gamma, scale, dbranch):  # dbranch: float32, or bfloat16 bits
     patches, images, dim = dy.shape
-    dbranch = np.empty_like(dy)
     dgamma_parts, dbranch_sums = np.zeros((patches, dim), dy.dtype), np.zeros((patches, dim), dy.dtype)
     for n in numba.prange(patches):
         for b in range(images):
             for c in range(dim):
                 scaled = scale[b] * dy[n, b, c]
                 gradient = scaled * gamma[c]
-                dbranch[n, b, c] = gradient
+                dbranch[n, b, c] = stored(dbranch, gradient)
                 dbranch_sums[n, c] += gradient
                 dgamma_parts[n, c] += scaled * branch[n, b, c]
-    return dbranch, dbranch_sums.sum(axis=1), dbranch_sums, dgamma_parts.sum(axis=0)
-
-
-@jit
-def _residual_backward_bfloat16(dy, branch, gamma, scale):
-    patches, images, dim = dy.shape
-    dbranch = np.empty(dy.shape, np.uint16)
-    dgamma_parts, dbranch_sums = np.zeros((patches, dim), dy.dtype), np.zeros((patches, dim), dy.dtype)
-    for n in numba.prange(patches):
-        for b in range(images):
-            for c in range(dim):
-                scaled = scale[b] * dy[n, b, c]
-                gradient = scaled * gamma[c]
-                dbranch[n, b, c] = _bfloat16_bits(gradient)
-                dbranch_sums[n, c] += gradient
-                dgamma_parts[n, c] += scaled * branch[n, b, c]
-    return dbranch, dbranch_sums.sum(axis=1), dbranch_sums, dgamma_parts.sum(axis=0)
+    return dbranch_sums.sum(axis=1), dbranch_sums, dgamma_parts.sum(axis=0)
 
 
 def _scale_of(mask, like):
