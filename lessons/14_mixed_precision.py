@@ -176,10 +176,10 @@ model = create_model("resmlp_tiny", seed=0)
 recorded = None
 
 
-def listening_matmul(a, b):
+def listening_matmul(a, b, half_result=False):
     if recorded is not None:
         recorded.append((a, b))
-    return precision.matmul(a, b)
+    return precision.matmul(a, b, half_result)
 
 
 layers.matmul = listening_matmul
