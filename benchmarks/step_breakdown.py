@@ -10,7 +10,7 @@ path, the reference layers elsewhere) and, in bfloat16, every oneDNN product (mi
 in float32 the products are inside the Linear/token-mixing operations and show under their names). What
 is left is Python and the optimizer's own loop. Then the floor: every product the last step ran is
 timed again alone, on copies of its own operands, the fastest of --repeats, which is what the library
-can do with them here; the step's share of the floor is that sum over the step's median.
+can do with them here; the step runs at that sum over its own time of the floor's speed.
 
 A profile, not a benchmark against PyTorch (that is benchmarks/train_step.py): it wraps every call in a
 timer, which costs a few microseconds each (the step it reports is within a percent of an unwrapped one).
@@ -86,22 +86,23 @@ def profile(row, precision_name, warmup, steps, repeats):
         started = time.perf_counter()
         train_step(model, optimizer, images, labels, 1e-4, precision, smoothing=0.1)
         step_times.append(time.perf_counter() - started)
-    bf16_gemm.matmul = times.wrap("oneDNN products", recorded_matmul)  # one more step, to collect its operands
+    seconds, calls = dict(times.seconds), dict(times.calls)
+    bf16_gemm.matmul = recorded_matmul  # one more step, untimed, to collect its products' operands
     train_step(model, optimizer, images, labels, 1e-4, precision, smoothing=0.1)
     bf16_gemm.matmul = library_matmul
-    step = statistics.median(step_times[warmup:])
+    step = statistics.fmean(step_times[warmup:])
     print(f"\n{ROWS[row][0]}, {ROWS[row][1]} px, batch {ROWS[row][2]}, {precision_name}, {model.ops.name}: "
-          f"median step {step:.3f} s over {steps} steps")
+          f"a step takes {step:.3f} s (the mean of {steps}); of it:")
     accounted = 0.0
-    for name, seconds in sorted(times.seconds.items(), key=lambda item: -item[1]):
-        per_step = seconds / steps
+    for name, total in sorted(seconds.items(), key=lambda item: -item[1]):
+        per_step = total / steps
         accounted += per_step
-        print(f"  {per_step * 1e3:9.1f} ms  {per_step / step:6.1%}  {name} ({times.calls[name] // steps} calls)")
+        print(f"  {per_step * 1e3:9.1f} ms  {per_step / step:6.1%}  {name} ({calls[name] // steps} calls)")
     print(f"  {(step - accounted) * 1e3:9.1f} ms  {(step - accounted) / step:6.1%}  the rest: Python, AdamW's loop")
     if products:
         floor = sum(fastest_alone(library_matmul, *product, repeats) for product in products)
         print(f"  the floor, each of the step's {len(products)} products alone at the library's rate: {floor:.3f} s; "
-              f"the step reaches {floor / step:.0%} of it")
+              f"the step runs at {floor / step:.0%} of the floor's speed")
 
 
 def fastest_alone(matmul, a, b, options, repeats):
