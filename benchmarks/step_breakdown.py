@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import minimlp  # noqa: E402,F401  before NumPy: minimlp's thread settings (minimlp/fast/cpu_settings.py) come first
 
-from train_step import ROWS, batch_of, describe_cpu  # noqa: E402  (this folder's benchmark: its rows and batches)
+from train_step import ROWS, describe_cpu, minimlp_step  # noqa: E402  (this folder's benchmark: its rows, its step)
 
 
 class SelfTimes:
@@ -55,19 +55,8 @@ class SelfTimes:
 
 
 def profile(row, precision_name, warmup, steps, repeats):
-    import numpy as np
-
-    from minimlp import create_model
     from minimlp.fast import bf16_gemm
-    from minimlp.optim import AdamW
-    from minimlp.precision import run_precision
-    from minimlp.step import train_step
-    model = create_model(ROWS[row][0], seed=0)
-    precision, line = run_precision(precision_name, "cpu")
-    if precision.name != precision_name:
-        raise SystemExit(line)
-    images, labels = batch_of(row, model.config["num_classes"])
-    optimizer = AdamW(model.parameters, model.ops, lr=1e-4, weight_decay=0.05)
+    model, step = minimlp_step(row, precision_name)
     times = SelfTimes()
     for name, function in list(vars(model.ops).items()):
         if callable(function):
@@ -84,25 +73,25 @@ def profile(row, precision_name, warmup, steps, repeats):
         if index == warmup:
             times.clear()
         started = time.perf_counter()
-        train_step(model, optimizer, images, labels, 1e-4, precision, smoothing=0.1)
+        step()
         step_times.append(time.perf_counter() - started)
     seconds, calls = dict(times.seconds), dict(times.calls)
     bf16_gemm.matmul = recorded_matmul  # one more step, untimed, to collect its products' operands
-    train_step(model, optimizer, images, labels, 1e-4, precision, smoothing=0.1)
+    step()
     bf16_gemm.matmul = library_matmul
-    step = statistics.fmean(step_times[warmup:])
+    mean = statistics.fmean(step_times[warmup:])
     print(f"\n{ROWS[row][0]}, {ROWS[row][1]} px, batch {ROWS[row][2]}, {precision_name}, {model.ops.name}: "
-          f"a step takes {step:.3f} s (the mean of {steps}); of it:")
+          f"a step takes {mean:.3f} s (the mean of {steps}); of it:")
     accounted = 0.0
     for name, total in sorted(seconds.items(), key=lambda item: -item[1]):
         per_step = total / steps
         accounted += per_step
-        print(f"  {per_step * 1e3:9.1f} ms  {per_step / step:6.1%}  {name} ({calls[name] // steps} calls)")
-    print(f"  {(step - accounted) * 1e3:9.1f} ms  {(step - accounted) / step:6.1%}  the rest: Python, AdamW's loop")
+        print(f"  {per_step * 1e3:9.1f} ms  {per_step / mean:6.1%}  {name} ({calls[name] // steps} calls)")
+    print(f"  {(mean - accounted) * 1e3:9.1f} ms  {(mean - accounted) / mean:6.1%}  the rest: Python, AdamW's loop")
     if products:
         floor = sum(fastest_alone(library_matmul, *product, repeats) for product in products)
         print(f"  the floor, each of the step's {len(products)} products alone at the library's rate: {floor:.3f} s; "
-              f"the step runs at {floor / step:.0%} of the floor's speed")
+              f"the step runs at {floor / mean:.0%} of the floor's speed")
 
 
 def fastest_alone(matmul, a, b, options, repeats):

@@ -85,10 +85,9 @@ def write_handover(row, folder):
     return path
 
 
-def time_minimlp(row, precision_name, warmup, steps, fast):
-    """minimlp's side, in its own process: the median seconds of --steps train_steps."""
-    import numpy as np
-
+def minimlp_step(row, precision_name, fast=True):
+    """(the model, one call of minimlp's training step on the row's batch): what minimlp's side times, and what
+    benchmarks/step_breakdown.py takes apart."""
     from minimlp import create_model
     from minimlp.optim import AdamW
     from minimlp.precision import run_precision
@@ -103,6 +102,13 @@ def time_minimlp(row, precision_name, warmup, steps, fast):
     def step():
         train_step(model, optimizer, images, labels, 1e-4, precision, smoothing=0.1)
 
+    return model, step
+
+
+def time_minimlp(row, precision_name, warmup, steps, fast):
+    """minimlp's side, in its own process: the median seconds of --steps train_steps."""
+    import numpy as np
+    model, step = minimlp_step(row, precision_name, fast)
     for _ in range(warmup):
         step()
     times = []

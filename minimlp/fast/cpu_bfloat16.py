@@ -59,6 +59,8 @@ def _float32_of(value):
 
 
 def _widened(value):  # the bits of a bfloat16: its float32 is them, then 16 zero bits
+    # (an operator, widened to 64 bits by Numba, but truncated at once, so the vector lanes stay 32-bit:
+    # GELU's backward reading bfloat16 is bound by memory, tests/test_bf16.py reads it bit for bit)
     return np.uint32(np.uint32(value) << SIXTEEN).view(np.float32)
 
 
