@@ -34,6 +34,7 @@ def affine_backward(dy, cache, skip=None):
     # skip: the gradient that reaches x by the residual's skip path, when the Affine opens a residual branch
     x, alpha = cache
     axes = tuple(range(dy.ndim - 1))
+    dy = dy.astype(x.dtype, copy=False)  # a product's half result (bfloat16) is summed in x's precision
     dx = alpha * dy
     if skip is not None:
         dx += skip
@@ -45,7 +46,8 @@ def affine_backward(dy, cache, skip=None):
 # ---------------------------------------------------------------------------------------------
 def linear_forward(x, weight, bias, half_result=False):
     # y = x @ W^T + b    (M, d_in) -> (M, d_out);  W: (d_out, d_in)
-    # half_result: y may come back rounded to bfloat16 (minimlp.precision.matmul), for fc1, whose y only GELU reads
+    # half_result: y may come back rounded to bfloat16 (minimlp.precision.matmul): the model asks it where only
+    # the next fused layer reads y (GELU, or the residual's add)
     y = matmul(x, weight.T, half_result)
     if bias is not None:  # None: the next layer adds b in its own pass (bias_gelu_forward, residual_forward)
         y += bias
@@ -55,7 +57,8 @@ def linear_forward(x, weight, bias, half_result=False):
 def linear_backward(dy, cache, half_dx=False):
     # dx = dy @ W;  dW = dy^T @ x;  db = sum_rows(dy)  (None when the bias was left to the next layer,
     # which then returns its gradient: bias_gelu_backward, residual_backward)
-    # half_dx: dx may come back rounded to bfloat16 (minimlp.precision.matmul), for fc2, whose dx only GELU reads
+    # half_dx: dx may come back rounded to bfloat16 (minimlp.precision.matmul): the model asks it where only the
+    # next fused layer reads dx (GELU's backward, or the Affine's)
     x, weight, has_bias = cache
     return matmul(dy, weight, half_dx), matmul(dy.T, x), dy.sum(axis=0) if has_bias else None
 
@@ -64,22 +67,24 @@ def linear_backward(dy, cache, half_dx=False):
 # Token mixing: the cross-patch "transpose-linear" that replaces attention. One N x N matrix A
 # mixes the patches; it is shared by every image and every channel.
 # ---------------------------------------------------------------------------------------------
-def token_mixing_forward(tokens, weight, bias):
+def token_mixing_forward(tokens, weight, bias, half_result=False):
     # y[n, b, c] = sum_m A[n, m] * x[m, b, c] + bias[n]    (N, B, d) -> (N, B, d), as (N,N) @ (N, B*d)
+    # half_result: y may come back rounded to bfloat16 (minimlp.precision.matmul), as linear_forward's
     patches, images, channels = tokens.shape
-    mixed = matmul(weight, tokens.reshape(patches, images * channels))
+    mixed = matmul(weight, tokens.reshape(patches, images * channels), half_result)
     if bias is not None:  # None: residual_forward adds it
         mixed += bias[:, None]
     return mixed.reshape(tokens.shape), (tokens, weight, bias is not None)
 
 
-def token_mixing_backward(dy, cache):
+def token_mixing_backward(dy, cache, half_dx=False):
     # dx = A^T @ dy;  dA = dy @ x^T;  dbias = sum over images and channels of dy    (all on (N, B*d))
     # (dbias None when residual_forward added the bias: residual_backward returns its gradient)
+    # half_dx: dx may come back rounded to bfloat16 (minimlp.precision.matmul), as linear_backward's
     tokens, weight, has_bias = cache
     patches = tokens.shape[0]
     dy_2d = dy.reshape(patches, -1)
-    dx = matmul(weight.T, dy_2d).reshape(tokens.shape)
+    dx = matmul(weight.T, dy_2d, half_dx).reshape(tokens.shape)
     return dx, matmul(dy_2d, tokens.reshape(patches, -1).T), dy_2d.sum(axis=1) if has_bias else None
 
 
@@ -201,6 +206,7 @@ def drop_path_backward(dy, mask):
 def residual_forward(x, branch, bias, gamma, mask=None):
     # y = x + mask * gamma * (branch + b)    (N, B, d); b broadcasts, (N, 1, 1) or (d,); mask (B,) or None
     # branch (a Linear's output without its bias) is overwritten with branch + b: LayerScale's input, cached
+    # (in bfloat16 where the product gave branch so: minimlp.precision.matmul's half_result)
     branch += bias
     scaled, scale = layer_scale_forward(branch, gamma)
     if mask is not None:

@@ -70,13 +70,13 @@ def block_forward(tokens, p, masks=(None, None), op=REFERENCE_OPERATIONS):
     """p: the block's parameters by short name (BLOCK_PARAMETERS); masks: drop-path masks (B,) or None."""
     patches, images, dim = tokens.shape
     normed, norm1 = op.affine_forward(tokens, p["norm1.alpha"], p["norm1.beta"])
-    mixed, attn = op.token_mixing_forward(normed, p["attn.weight"], None)
+    mixed, attn = op.token_mixing_forward(normed, p["attn.weight"], None, half_result=True)
     middle, residual1 = op.residual_forward(tokens, mixed, p["attn.bias"][:, None, None], p["gamma_1"], masks[0])
 
     normed, norm2 = op.affine_forward(middle, p["norm2.alpha"], p["norm2.beta"])
     hidden, fc1 = op.linear_forward(normed.reshape(patches * images, dim), p["mlp.fc1.weight"], None, half_result=True)
     activated, act = op.bias_gelu_forward(hidden, p["mlp.fc1.bias"])
-    channel_out, fc2 = op.linear_forward(activated, p["mlp.fc2.weight"], None)
+    channel_out, fc2 = op.linear_forward(activated, p["mlp.fc2.weight"], None, half_result=True)
     out, residual2 = op.residual_forward(middle, channel_out.reshape(tokens.shape), p["mlp.fc2.bias"],
                                          p["gamma_2"], masks[1])
     return out, (norm1, attn, residual1, norm2, fc1, act, fc2, residual2)
@@ -91,14 +91,14 @@ def block_backward(dout, cache, op=REFERENCE_OPERATIONS):
     dactivated, grads["mlp.fc2.weight"], _ = op.linear_backward(dchannel_out.reshape(-1, dout.shape[-1]), fc2,
                                                                 half_dx=True)
     dhidden, grads["mlp.fc1.bias"] = op.bias_gelu_backward(dactivated, act)
-    dnormed, grads["mlp.fc1.weight"], _ = op.linear_backward(dhidden, fc1)
+    dnormed, grads["mlp.fc1.weight"], _ = op.linear_backward(dhidden, fc1, half_dx=True)
     # the skip path carries dout to `middle` unchanged: dmiddle = dout + the branch's gradient
     dmiddle, grads["norm2.alpha"], grads["norm2.beta"] = op.affine_backward(dnormed.reshape(dout.shape), norm2,
                                                                             skip=dout)
 
     dmixed, dbias, grads["gamma_1"] = op.residual_backward(dmiddle, residual1)
     grads["attn.bias"] = dbias.reshape(-1)  # it was added as (N, 1, 1)
-    dnormed, grads["attn.weight"], _ = op.token_mixing_backward(dmixed, attn)
+    dnormed, grads["attn.weight"], _ = op.token_mixing_backward(dmixed, attn, half_dx=True)
     dtokens, grads["norm1.alpha"], grads["norm1.beta"] = op.affine_backward(dnormed, norm1, skip=dmiddle)
     return dtokens, grads
 

@@ -9,8 +9,9 @@ What is 16-bit and what is not. Only the operands of the matrix products (where 
 arithmetic is, and where tensor cores and the CPU's AMX/AVX-512-BF16 units take 16-bit numbers at many
 times the float32 rate). The products are accumulated and returned in float32; weights, optimizer
 moments, activations kept for backward, elementwise layers, the loss: all stay float32 ("master weights").
-One exception, on the CPU's bfloat16 path only: the two products whose results only GELU reads return them
-in bfloat16 (matmul's half_result), as PyTorch's autocast returns every product; GELU computes in float32.
+One exception, on the CPU's bfloat16 path only: the products whose results only the next fused loop reads
+(GELU, the residual's add, the Affine's backward) return them in bfloat16 (matmul's half_result), as PyTorch's
+autocast returns every product; those loops compute in float32.
 
 The three policies (train.py: no --amp; --amp --amp-dtype float16; --amp --amp-dtype bfloat16):
   float32   the products in the operands' own dtype; nothing else: the step calls nothing of the policy.
@@ -98,9 +99,11 @@ def matmul(a, b, half_result=False):
     float32, result float32 (M, N).
 
     half_result=True: the caller also takes the result rounded to bfloat16, and gets it so where the CPU's
-    bfloat16 products run (cpu_bfloat16_products()); elsewhere float32. The model asks it for the two
-    products whose results only GELU reads, fc1's output and fc2's input gradient, the widest of a block
-    (4d): rounded as oneDNN stores them, they take half the bytes to write and to read."""
+    bfloat16 products run (cpu_bfloat16_products()); elsewhere float32. The model asks it for the six
+    products of a block whose results only the next fused loop reads: forward, token mixing's and fc2's
+    outputs (read by the residual's add) and fc1's (GELU's); backward, the input gradients of fc2 (GELU's
+    backward reads it), fc1 and token mixing (the Affine's backward). Rounded as oneDNN stores them, they
+    take half the bytes to write and to read; the weight gradients and the head's logits stay float32."""
     if _matmul_dtype is None:
         return a @ b
     if get_xp(a) is np:

@@ -136,36 +136,57 @@ def test_every_fused_loop_rounds_its_output_to_nearest_even():
 
 @needs_bf16
 def test_fused_outputs_are_the_float32_outputs_rounded():
-    """GELU's forward, and every fused loop on ordinary values: the bfloat16 output is the float32 output of the
-    same loop, rounded (within half a bfloat16 ulp of it, which truncation breaks for half the values)."""
+    """GELU's forward on ordinary values: both bfloat16 outputs, GELU(x) (fc2's operand) and the slope backward
+    keeps, are the float32 outputs of the same loop, rounded (within half a bfloat16 ulp of them, which
+    truncation breaks for half the values)."""
     rng = np.random.default_rng(3)
     rows, dim = 300, 40
     x, bias = 3 * rng.normal(size=(rows, dim)).astype(np.float32), rng.normal(size=dim).astype(np.float32)
-    float32_out, _ = cpu_kernels.bias_gelu_forward(x.copy(), bias)
+    float32_outs = cpu_kernels.bias_gelu_forward(x.copy(), bias)
     with autocast("bfloat16"):
-        bfloat16_out, slope = cpu_kernels.bias_gelu_forward(x.copy(), bias)
-    assert slope.dtype == np.float32, "what backward keeps stays float32"
-    exact = float32_out.astype(np.float64)
-    half_ulp = np.ldexp(1.0, np.frexp(np.abs(exact))[1] - 9)  # bfloat16's ulp at |x| in [2^(e-1), 2^e) is 2^(e-8)
-    assert (np.abs(bfloat16_out.astype(np.float64) - exact) <= half_ulp).all()
-    assert np.abs(bfloat16_out.astype(np.float64) - exact).max() > 0, "the output was not rounded at all"
+        bfloat16_outs = cpu_kernels.bias_gelu_forward(x.copy(), bias)
+    for name, float32_out, bfloat16_out in zip(("GELU(x)", "the slope"), float32_outs, bfloat16_outs):
+        assert float32_out.dtype == np.float32 and bfloat16_out.dtype == bf16_gemm.BFLOAT16, name
+        exact = float32_out.astype(np.float64)
+        half_ulp = np.ldexp(1.0, np.frexp(np.abs(exact))[1] - 9)  # bfloat16's ulp at |x| in [2^(e-1), 2^e): 2^(e-8)
+        assert (np.abs(bfloat16_out.astype(np.float64) - exact) <= half_ulp).all(), name
+        assert np.abs(bfloat16_out.astype(np.float64) - exact).max() > 0, f"{name} was not rounded at all"
 
 
 @needs_bf16
-def test_gelu_reads_bfloat16_inputs_as_their_float32_values():
-    """Under bfloat16 products fc1's output and fc2's input gradient reach GELU in bfloat16: its loops read each
-    as the float32 it is exactly, giving bit for bit what the same values in float32 give."""
+def test_loops_read_bfloat16_inputs_as_their_float32_values():
+    """Under bfloat16 products the results of six products reach the next fused loop in bfloat16 (GELU's input
+    and its incoming gradient, the residual's branch, the Affine's incoming gradient), and GELU's slope comes
+    back to its backward in bfloat16: each loop reads them as the float32s they are exactly, giving bit for bit
+    what the same values in float32 give (the residual's forward stores branch + b back in bfloat16: that
+    is the float32 one rounded, and what its backward reads)."""
     rng = np.random.default_rng(4)
-    rows, dim = 150, 40
-    x = cpu_kernels.to_bfloat16(3 * rng.normal(size=(rows, dim)).astype(np.float32))
-    dy = cpu_kernels.to_bfloat16(rng.normal(size=(rows, dim)).astype(np.float32))
-    bias = rng.normal(size=dim).astype(np.float32)
+    rows, dim, patches, images = 150, 40, 5, 6
+    floats = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
+    half = lambda *shape: cpu_kernels.to_bfloat16(floats(*shape))  # noqa: E731
+    x, dy, slope = cpu_kernels.to_bfloat16(3 * floats(rows, dim)), half(rows, dim), half(rows, dim)
+    tokens, skip = floats(patches, images, dim), floats(patches, images, dim)
+    branch, dtokens = half(patches, images, dim), half(patches, images, dim)
+    bias, gamma, alpha = floats(dim), floats(dim), floats(dim)
+    mask = np.array([0.0, 2.0, 2.0, 0.0, 2.0, 2.0], np.float32)  # drop path: dropped and kept images
+    as_float32 = lambda v: v.astype(np.float32)  # noqa: E731
     with autocast("bfloat16"):
-        from_bits, from_floats = (cpu_kernels.bias_gelu_forward(v, bias) for v in (x, x.astype(np.float32)))
-        slope = from_floats[1]
-        back_bits, back_floats = (cpu_kernels.bias_gelu_backward(g, slope) for g in (dy, dy.astype(np.float32)))
-    for ours, theirs in zip(from_bits + back_bits, from_floats + back_floats):
-        assert ours.dtype == theirs.dtype and np.array_equal(ours.view(np.uint8), theirs.view(np.uint8))
+        results = {}
+        for kind, given in (("bits", lambda v: v), ("floats", as_float32)):
+            gelu = cpu_kernels.bias_gelu_forward(given(x), bias)
+            gelu_back = cpu_kernels.bias_gelu_backward(given(dy), given(slope))
+            stored_branch = given(branch).copy()
+            y, cache = cpu_kernels.residual_forward(tokens, stored_branch, bias, gamma, mask)
+            if kind == "floats":  # backward reads what forward stored: the bits' branch + b, rounded
+                cache = ((as_float32(results["bits"][1]), gamma), mask, bias.shape)
+            residual_back = cpu_kernels.residual_backward(skip, cache)
+            affine_back = cpu_kernels.affine_backward(given(dtokens), (tokens, alpha), skip=skip)
+            results[kind] = [*gelu, *gelu_back, y, *residual_back, *affine_back], stored_branch
+    (from_bits, branch_bits), (from_floats, branch_floats) = results["bits"], results["floats"]
+    for index, (ours, theirs) in enumerate(zip(from_bits, from_floats)):
+        assert ours.dtype == theirs.dtype and np.array_equal(ours.view(np.uint8), theirs.view(np.uint8)), index
+    assert branch_bits.dtype == bf16_gemm.BFLOAT16 and branch_floats.dtype == np.float32
+    assert np.array_equal(branch_bits.view(np.uint16), cpu_kernels.to_bfloat16(branch_floats).view(np.uint16))
 
 
 @needs_bf16
@@ -290,7 +311,8 @@ def _gradients(model, images, targets, dtype):
 def test_whole_step_gradients_against_float64(monkeypatch):
     """resmlp_tiny (6 blocks), one forward and backward under bfloat16 against the reference model in float64
     from the same weights. Every product goes through the library with its activations and gradients
-    already in bfloat16 (the fused rounding), and the two results that only GELU reads come back in bfloat16;
+    already in bfloat16 (the fused rounding), and the results that only the next fused loop reads come back in
+    bfloat16;
     every gradient tensor lies within 3% (norm-wise) of float64's,
     and further from it than float32 would be (1e-4): the products did run in bfloat16.
     Where the 3% comes from: each product is off by about 2^-8 relative (bounded above), a backward pass chains
@@ -315,9 +337,13 @@ def test_whole_step_gradients_against_float64(monkeypatch):
     ours = _gradients(model, images, targets, "bfloat16")
     depth = model.config["depth"]
     assert len(operands) == 9 * depth + 5, "every product: 3 per block forward, 6 backward, patches, head"
-    hidden = 64 * images_per_batch, model.config["mlp_ratio"] * model.config["dim"]
-    assert [c.shape for c in results if c.dtype == bf16_gemm.BFLOAT16] == [hidden] * (2 * depth), \
-        "fc1's output and fc2's input gradient, which only GELU reads, come back in bfloat16; nothing else"
+    dim = model.config["dim"]
+    hidden, channels = (64 * images_per_batch, model.config["mlp_ratio"] * dim), (64 * images_per_batch, dim)
+    mixing = 64, images_per_batch * dim
+    assert [c.shape for c in results if c.dtype == bf16_gemm.BFLOAT16] == \
+        [mixing, hidden, channels] * depth + [hidden, channels, mixing] * depth, \
+        "the results only the next fused loop reads come back in bfloat16 (forward: token mixing's, fc1's and " \
+        "fc2's; backward: the input gradients of fc2, fc1 and token mixing), and nothing else"
     rounded_by_the_library = [x.shape for pair in operands for x in pair
                               if x.dtype != bf16_gemm.BFLOAT16 and activation_sizes & set(x.shape)]
     assert rounded_by_the_library == [(128, 64 * images_per_batch)], \

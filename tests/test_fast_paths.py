@@ -176,6 +176,22 @@ def test_whole_training_step_fast_matches_reference(fast):
         assert relative_error(ours, reference) < (1e-4 if dtype == np.float32 else 1e-10), name
 
 
+def test_cpu_gelu_is_float64s_gelu_to_float32_rounding_over_its_whole_range():
+    """The CPU loop computes GELU and its slope with its own erf and exp (Abramowitz and Stegun 7.1.26 with one
+    exp, minimlp/fast/cpu_kernels.py): on a fine grid over [-12, 12], through the tails where erf saturates and
+    exp underflows, both are within 4e-7 of float64's exact values (relative, or absolute below 1): about three
+    float32 roundings; a degree lower in the exp, or a coefficient off in its fifth digit, fails."""
+    import scipy.special
+    module = ops.fast_module("cpu", np.float32)
+    x = np.linspace(-12.0, 12.0, 240_001).reshape(-1, 1)  # steps of 1e-4: every segment of the approximation
+    cdf = 0.5 * scipy.special.erfc(-x / np.sqrt(2.0))
+    exact = {"GELU": x * cdf, "slope": cdf + x * np.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi)}
+    ours = dict(zip(exact, module.bias_gelu_forward(x.astype(np.float32), np.zeros(1, np.float32))))
+    for name in exact:
+        error = np.abs(ours[name].astype(np.float64) - exact[name]) / np.maximum(np.abs(exact[name]), 1.0)
+        assert error.max() < 4e-7, f"{name}: {error.max():.1e} at x = {x[np.argmax(error), 0]:.4f}"
+
+
 def test_residual_layer_matches_finite_differences():
     """The reference layer the fused residual loops replace, in float64: d(branch), the bias it adds, gamma."""
     rng = np.random.default_rng(1)

@@ -22,7 +22,7 @@ from .bf16_gemm import BFLOAT16
 
 F = np.float32
 U = np.uint32  # the constants of _bfloat16_bits, as uint32 (a Python int would widen the arithmetic)
-SIXTEEN, JUST_UNDER_HALF, LOWEST_BIT = U(16), U(0x7FFF), U(1)
+ZERO, SIXTEEN, JUST_UNDER_HALF, LOWEST_BIT = U(0), U(16), U(0x7FFF), U(1)
 SIGN, QUIET_NAN, MAGNITUDE, INFINITY = U(0x8000), U(0x7FC0), U(0x7FFFFFFF), U(0x7F800000)
 jit = functools.partial(numba.njit, parallel=True, fastmath=True, cache=True)
 jit_inline = functools.partial(numba.njit, fastmath=True, cache=True, inline="always")
@@ -41,8 +41,8 @@ def _bfloat16_bits(value):
     kept = np.right_shift(bits, SIXTEEN)
     rounded = np.right_shift(np.add(np.add(bits, JUST_UNDER_HALF), np.bitwise_and(kept, LOWEST_BIT)), SIXTEEN)
     quiet_nan = np.bitwise_or(np.bitwise_and(kept, SIGN), QUIET_NAN)
-    is_nan = np.greater(np.bitwise_and(bits, MAGNITUDE), INFINITY)
-    return np.uint16(quiet_nan if is_nan else rounded)
+    nan_mask = np.subtract(ZERO, np.uint32(np.greater(np.bitwise_and(bits, MAGNITUDE), INFINITY)))  # all ones at a NaN
+    return np.uint16(np.bitwise_xor(rounded, np.bitwise_and(np.bitwise_xor(rounded, quiet_nan), nan_mask)))
 
 
 def float32_of(value):
@@ -97,8 +97,8 @@ def readable(x):
 
 
 def operand_output(shape):
-    """An empty array for a loop to write a product's operand into: bfloat16 bits (uint16) under bfloat16
-    products, float32 elsewhere (what `stored` rounds or not)."""
+    """An empty array for a loop to write a product's operand (or GELU's slope) into: bfloat16 bits (uint16)
+    under bfloat16 products, float32 elsewhere (what `stored` rounds or not)."""
     return np.empty(shape, np.uint16 if cpu_bfloat16_products() else np.float32)
 
 

@@ -23,10 +23,14 @@ a matrix product's operand writes it in bfloat16, rounded to nearest even in the
 product pays a rounding pass of its own: Affine's output (token mixing's and fc1's input; the last
 Affine's feeds the mean pool, which reads bfloat16 and sums in float32), GELU's output (fc2's input),
 the gradients that reach fc2 and token mixing (residual_backward) and fc1 (bias_gelu_backward), and the
-image patches (patch_embed_forward cuts and rounds them in one pass). GELU's two inputs, fc1's output
-and fc2's input gradient, come from oneDNN already in bfloat16 (minimlp.precision.matmul's half_result).
-Everything else stays float32: what backward keeps (GELU's slope), the residual stream, the sums
-(biases, alpha, gamma) of gradients taken before they are rounded.
+image patches (patch_embed_forward cuts and rounds them in one pass). What GELU keeps for backward, its
+slope, is kept in bfloat16 too (as PyTorch's autocast keeps GELU's bfloat16 input). The products' results
+that only the next loop reads come from oneDNN already in bfloat16 (minimlp.precision.matmul's half_result):
+GELU's inputs (fc1's output, fc2's input gradient), the residual's branch (token mixing's and fc2's outputs,
+which the residual's forward stores back, bias added, in bfloat16 for its backward), and the Affine's
+incoming gradient (fc1's and token mixing's input gradients); the loops read each as the float32 it is.
+Everything else stays float32: the residual stream and its gradient, the sums (biases, alpha, gamma) of
+gradients taken before they are rounded.
 One loop serves both precisions: each such function allocates its output as operand_output (bfloat16
 bits under bfloat16 products, float32 elsewhere), and the loop writes `stored(out, value)` and reads
 `float32_of(x[i])`, which Numba resolves for the array's dtype when it compiles the loop, once for each
@@ -40,7 +44,6 @@ import math
 import numba
 import numpy as np
 
-from ..backend import ERF_DENOMINATOR, ERF_NUMERATOR
 from . import cpu_settings
 from .cpu_bfloat16 import float32_of, operand_output, readable, stored, viewed
 from .cpu_bfloat16 import mean_pool_forward, patch_embed_forward, to_bfloat16  # noqa: F401  (OPERATIONS; tests)
@@ -54,11 +57,12 @@ DTYPES = (np.dtype(np.float32),)
 F = np.float32
 HALF, ONE, ZERO = F(0.5), F(1.0), F(0.0)
 SQRT_HALF, INV_SQRT_2PI = F(math.sqrt(0.5)), F(1.0 / math.sqrt(2.0 * math.pi))
-P0, P1, P2, P3, P4, P5, P6 = (F(c) for c in ERF_NUMERATOR)
-Q0, Q1, Q2, Q3, Q4 = (F(c) for c in ERF_DENOMINATOR)
-ERF_CLAMP = F(4.0)
-EXP_FLOOR = F(-24.0)  # exp(-24) = 4e-11: below it, x * phi(x) is far under float32's resolution of Phi + x phi
-EXP_TAYLOR = tuple(F(1.0 / math.factorial(k)) for k in range(10))  # 1/k!, k = 0..9
+AS_P, AS_A1, AS_A2, AS_A3, AS_A4, AS_A5 = (F(c) for c in (  # Abramowitz and Stegun 7.1.26 (_gelu_and_slope)
+    0.3275911, 0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429))
+EXP_FLOOR = F(-80.0)  # exp(-80) = 2e-35, still a normal float32 (2^k for k >= -126)
+LOG2_E, LN2_HIGH, LN2_LOW = F(1.0 / math.log(2.0)), F(0.693359375), F(math.log(2.0) - 0.693359375)
+EXP_TAYLOR = tuple(F(1.0 / math.factorial(k)) for k in range(8))  # 1/k!, k = 0..7
+EXPONENT_BIAS, MANTISSA_SPAN = np.int32(127), np.int32(1 << 23)  # a float32's bits: exponent + 127, above 23 bits
 FIRST_COMPILE_SECONDS = 30  # measured: README, Speed
 ROWS_PER_PARTIAL_SUM = 64  # reductions: each thread sums 64 rows into its own partial row, then one small sum
 
@@ -112,102 +116,99 @@ def _affine(x, alpha, beta, y):  # y: float32, or bfloat16 bits
 
 def affine_backward(dy, cache, skip=None):
     # dx = alpha * dy (+ skip); dalpha = sum dy * x; dbeta = sum dy: one pass over dy and x for all three
+    # (dy in bfloat16 under bfloat16 products, a product's half result: read as float32, exactly)
     x, alpha = cache
-    rows_of = lambda array: np.ascontiguousarray(array).reshape(-1, array.shape[-1])  # noqa: E731
-    skip_rows = np.zeros((1, 1), dy.dtype) if skip is None else rows_of(skip)
+    rows_of = lambda array: np.ascontiguousarray(readable(array)).reshape(-1, array.shape[-1])  # noqa: E731
+    skip_rows = np.zeros((1, 1), x.dtype) if skip is None else rows_of(skip)
     dx, dalpha, dbeta = _affine_backward(rows_of(dy), rows_of(x), alpha, skip_rows, skip is not None)
     return dx.reshape(dy.shape), dalpha, dbeta
 
 
 @jit
-def _affine_backward(dy, x, alpha, skip, add_skip):
+def _affine_backward(dy, x, alpha, skip, add_skip):  # dy: float32, or bfloat16 bits
     rows, dim = dy.shape
     pieces = (rows + ROWS_PER_PARTIAL_SUM - 1) // ROWS_PER_PARTIAL_SUM
-    dx = np.empty_like(dy)
-    dalpha_parts, dbeta_parts = np.zeros((pieces, dim), dy.dtype), np.zeros((pieces, dim), dy.dtype)
+    dx = np.empty_like(x)
+    dalpha_parts, dbeta_parts = np.zeros((pieces, dim), x.dtype), np.zeros((pieces, dim), x.dtype)
     for piece in numba.prange(pieces):
         for i in range(piece * ROWS_PER_PARTIAL_SUM, min(rows, (piece + 1) * ROWS_PER_PARTIAL_SUM)):
             for j in range(dim):
-                dx[i, j] = alpha[j] * dy[i, j] + skip[i, j] if add_skip else alpha[j] * dy[i, j]
-                dalpha_parts[piece, j] += dy[i, j] * x[i, j]
-                dbeta_parts[piece, j] += dy[i, j]
+                gradient = float32_of(dy[i, j])
+                dx[i, j] = alpha[j] * gradient + skip[i, j] if add_skip else alpha[j] * gradient
+                dalpha_parts[piece, j] += gradient * x[i, j]
+                dbeta_parts[piece, j] += gradient
     return dx, dalpha_parts.sum(axis=0), dbeta_parts.sum(axis=0)
 
 
 # --------------------------------------------------------------------------------------------- GELU
 @jit_inline
-def _erf(x):
-    # the rational approximation of minimlp.backend.erf, per element
-    x = min(max(x, -ERF_CLAMP), ERF_CLAMP)
-    x2 = x * x
-    numerator = ((((((P0 * x2 + P1) * x2 + P2) * x2 + P3) * x2 + P4) * x2 + P5) * x2 + P6) * x
-    denominator = (((Q0 * x2 + Q1) * x2 + Q2) * x2 + Q3) * x2 + Q4
-    return numerator / denominator
-
-
-@jit_inline
 def _exp_negative(t):
     # exp(t) for t <= 0 without a call into libm (which would stop the loop from being vectorized):
-    # exp(t) = exp(t / 32) ** 32; t / 32 lies in [-0.75, 0], where Taylor to degree 9 errs by < 2e-8
-    # relative, and five squarings multiply that by 32: with float32 rounding, < 1e-5 relative (tested).
-    u = max(t, EXP_FLOOR) * F(1.0 / 32.0)
-    e = EXP_TAYLOR[9]
-    e = e * u + EXP_TAYLOR[8]
-    e = e * u + EXP_TAYLOR[7]
-    e = e * u + EXP_TAYLOR[6]
-    e = e * u + EXP_TAYLOR[5]
-    e = e * u + EXP_TAYLOR[4]
-    e = e * u + EXP_TAYLOR[3]
-    e = e * u + EXP_TAYLOR[2]
-    e = e * u + EXP_TAYLOR[1]
-    e = e * u + EXP_TAYLOR[0]
-    e = e * e
-    e = e * e
-    e = e * e
-    e = e * e
-    return e * e
+    # exp(t) = 2^k exp(r), k = round(t / ln 2), r = t - k ln 2 in [-ln2 / 2, ln2 / 2] (ln 2 in two parts, so
+    # that r is exact to float32's rounding); exp(r) by Taylor to degree 7 (error < 6e-9 relative); 2^k made
+    # by writing k + 127 into a float32's exponent bits (int32 ufuncs: an operator would widen to 64 bits).
+    t = max(t, EXP_FLOOR)
+    k = np.floor(t * LOG2_E + HALF)
+    r = (t - k * LN2_HIGH) - k * LN2_LOW
+    e = EXP_TAYLOR[7]
+    e = e * r + EXP_TAYLOR[6]
+    e = e * r + EXP_TAYLOR[5]
+    e = e * r + EXP_TAYLOR[4]
+    e = e * r + EXP_TAYLOR[3]
+    e = e * r + EXP_TAYLOR[2]
+    e = e * r + EXP_TAYLOR[1]
+    e = e * r + EXP_TAYLOR[0]
+    two_to_k = np.int32(np.multiply(np.add(np.int32(k), EXPONENT_BIAS), MANTISSA_SPAN)).view(np.float32)
+    return e * two_to_k
 
 
 @jit_inline
 def _gelu_and_slope(x):
-    # GELU(x) = x * Phi(x) and its slope Phi(x) + x * phi(x) (minimlp.layers.gelu_forward), per element
-    cdf = HALF * (ONE + _erf(x * SQRT_HALF))
-    return x * cdf, cdf + x * _exp_negative(-HALF * x * x) * INV_SQRT_2PI
+    # GELU(x) = x * Phi(x) and its slope Phi(x) + x * phi(x) (minimlp.layers.gelu_forward), per element, with
+    # one exp for both: phi(x) = exp(-x^2 / 2) / sqrt(2 pi), and Phi from erfc(z), z = |x| / sqrt 2, by
+    # Abramowitz and Stegun 7.1.26: erfc(z) = t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-z^2), t = 1 / (1 + p z),
+    # |error| < 1.5e-7, whose exp(-z^2) is that same exp(-x^2 / 2). Phi(x) = 1 - erfc(z) / 2 for x >= 0,
+    # erfc(z) / 2 below (tests/test_fast_paths.py: within 4e-7 of float64's GELU and slope).
+    density = _exp_negative(-HALF * x * x)  # exp(-x^2 / 2)
+    t = ONE / (ONE + AS_P * SQRT_HALF * abs(x))
+    half_erfc = HALF * t * (AS_A1 + t * (AS_A2 + t * (AS_A3 + t * (AS_A4 + t * AS_A5)))) * density
+    cdf = ONE - half_erfc if x >= ZERO else half_erfc
+    return x * cdf, cdf + x * density * INV_SQRT_2PI
 
 
 def bias_gelu_forward(x, bias):
     # y = GELU(x + b) and the slope GELU'(x + b) that backward keeps, one pass (under bfloat16 products x comes
-    # in bfloat16 and y goes out in bfloat16, fc2's operand; the slope stays float32)
-    activated, slope = operand_output(x.shape), np.empty(x.shape, np.float32)
+    # in bfloat16, and y, fc2's operand, and the slope go out in bfloat16)
+    activated, slope = operand_output(x.shape), operand_output(x.shape)
     _bias_gelu(readable(x), bias, activated, slope)
-    return viewed(activated), slope
+    return viewed(activated), viewed(slope)
 
 
 @jit
-def _bias_gelu(x, bias, activated, slope):  # x and activated: float32, or bfloat16 bits
+def _bias_gelu(x, bias, activated, slope):  # x, activated and slope: float32, or bfloat16 bits
     for i in numba.prange(x.shape[0]):
         for j in range(x.shape[1]):
-            value, slope[i, j] = _gelu_and_slope(float32_of(x[i, j]) + bias[j])
-            activated[i, j] = stored(activated, value)
+            value, derivative = _gelu_and_slope(float32_of(x[i, j]) + bias[j])
+            activated[i, j], slope[i, j] = stored(activated, value), stored(slope, derivative)
 
 
 def bias_gelu_backward(dy, slope):
-    # dx = dy * slope; db = sum over rows of dx, in the same pass (under bfloat16 products dy comes in bfloat16
-    # and dx goes out in bfloat16, fc1's incoming gradient; db sums it before rounding)
+    # dx = dy * slope; db = sum over rows of dx, in the same pass (under bfloat16 products dy and the slope come
+    # in bfloat16 and dx goes out in bfloat16, fc1's incoming gradient; db sums it before rounding)
     dx = operand_output(dy.shape)
-    dbias = _bias_gelu_backward(readable(dy), slope, dx)
+    dbias = _bias_gelu_backward(readable(dy), readable(slope), dx)
     return viewed(dx), dbias
 
 
 @jit
-def _bias_gelu_backward(dy, slope, dx):  # dy and dx: float32, or bfloat16 bits
+def _bias_gelu_backward(dy, slope, dx):  # dy, slope and dx: float32, or bfloat16 bits
     rows, dim = dy.shape
     pieces = (rows + ROWS_PER_PARTIAL_SUM - 1) // ROWS_PER_PARTIAL_SUM
     dbias_parts = np.zeros((pieces, dim), np.float32)
     for piece in numba.prange(pieces):
         for i in range(piece * ROWS_PER_PARTIAL_SUM, min(rows, (piece + 1) * ROWS_PER_PARTIAL_SUM)):
             for j in range(dim):
-                gradient = float32_of(dy[i, j]) * slope[i, j]
+                gradient = float32_of(dy[i, j]) * float32_of(slope[i, j])
                 dx[i, j] = stored(dx, gradient)
                 dbias_parts[piece, j] += gradient
     return dbias_parts.sum(axis=0)
@@ -216,21 +217,23 @@ def _bias_gelu_backward(dy, slope, dx):  # dy and dx: float32, or bfloat16 bits
 # --------------------------------------------------------------------------------------------- residual
 def residual_forward(x, branch, bias, gamma, mask):
     # branch += b; y = x + mask * gamma * branch, one pass; b is per patch (N, 1, 1) or per channel (d,)
+    # (under bfloat16 products branch comes in bfloat16 and branch + b is stored back in bfloat16; y takes it
+    # unrounded)
     scale = _scale_of(mask, x)
     per_patch_bias = bias.reshape(-1) if bias.ndim == 3 else np.zeros(x.shape[0], x.dtype)
     per_channel_bias = bias if bias.ndim == 1 else np.zeros(x.shape[2], x.dtype)
-    y = _residual(x, branch, per_patch_bias, per_channel_bias, gamma, scale)
+    y = _residual(x, readable(branch), per_patch_bias, per_channel_bias, gamma, scale)
     return y, ((branch, gamma), mask, bias.shape)  # the reference's cache: (layer_scale cache, mask, bias shape)
 
 
 @jit
-def _residual(x, branch, patch_bias, channel_bias, gamma, scale):
+def _residual(x, branch, patch_bias, channel_bias, gamma, scale):  # branch: float32, or bfloat16 bits
     y = np.empty_like(x)
     for n in numba.prange(x.shape[0]):
         for b in range(x.shape[1]):
             for c in range(x.shape[2]):
-                value = branch[n, b, c] + patch_bias[n] + channel_bias[c]
-                branch[n, b, c] = value
+                value = float32_of(branch[n, b, c]) + patch_bias[n] + channel_bias[c]
+                branch[n, b, c] = stored(branch, value)
                 y[n, b, c] = x[n, b, c] + scale[b] * gamma[c] * value
     return y
 
@@ -243,13 +246,13 @@ def residual_backward(dy, cache):
     (branch, gamma), mask, bias_shape = cache
     dbranch = operand_output(dy.shape)
     sums_per_patch, sums_per_patch_channel, dgamma = _residual_backward(
-        np.ascontiguousarray(dy), branch, gamma, _scale_of(mask, dy), dbranch)
+        np.ascontiguousarray(dy), readable(branch), gamma, _scale_of(mask, dy), dbranch)
     dbias = sums_per_patch.reshape(bias_shape) if len(bias_shape) == 3 else sums_per_patch_channel.sum(axis=0)
     return viewed(dbranch), dbias, dgamma
 
 
 @jit
-def _residual_backward(dy, branch, gamma, scale, dbranch):  # dbranch: float32, or bfloat16 bits
+def _residual_backward(dy, branch, gamma, scale, dbranch):  # branch and dbranch: float32, or bfloat16 bits
     patches, images, dim = dy.shape
     dgamma_parts, dbranch_sums = np.zeros((patches, dim), dy.dtype), np.zeros((patches, dim), dy.dtype)
     for n in numba.prange(patches):
@@ -259,7 +262,7 @@ def _residual_backward(dy, branch, gamma, scale, dbranch):  # dbranch: float32, 
                 gradient = scaled * gamma[c]
                 dbranch[n, b, c] = stored(dbranch, gradient)
                 dbranch_sums[n, c] += gradient
-                dgamma_parts[n, c] += scaled * branch[n, b, c]
+                dgamma_parts[n, c] += scaled * float32_of(branch[n, b, c])
     return dbranch_sums.sum(axis=1), dbranch_sums, dgamma_parts.sum(axis=0)
 
 
