@@ -231,17 +231,28 @@ def test_product_is_within_bfloat16s_bound_of_float64(product, given):
             a_in, b_in = a32.astype(bf16_gemm.BFLOAT16), b32.astype(bf16_gemm.BFLOAT16)
         else:
             a_in, b_in = a32, b32
-        out = bf16_gemm.matmul(a_in, b_in)
-        assert out.dtype == np.float32 and out.shape == (m, n) and out.flags.c_contiguous
+        outs = [bf16_gemm.matmul(a_in, b_in, layout=layout) for layout in bf16_gemm.LAYOUTS]
+        assert np.array_equal(bf16_gemm.matmul(a_in, b_in), outs[bf16_gemm.LAYOUTS.index(bf16_gemm.default_layout(m))])
+        assert all(o.dtype == np.float32 and o.shape == (m, n) and o.flags.c_contiguous for o in outs)
         exact = a32.astype(np.float64) @ b32.astype(np.float64)
         scale = np.sqrt((a32.astype(np.float64) ** 2) @ (b32.astype(np.float64) ** 2))  # sqrt(sum_k (a_k b_k)^2)
-        worst = (np.abs(out - exact) / (U * scale)).max()
-        assert worst < BOUND, f"{product}: an entry is off by {worst:.1f} U sqrt(sum (ab)^2) (bound {BOUND})"
-        assert worst > 0.05, f"{product}: as exact as float32: were the operands rounded to bfloat16?"
+        worsts = [(np.abs(o - exact) / (U * scale)).max() for o in outs]  # each layout's
+        assert max(worsts) < BOUND, f"{product}: an entry is off by {max(worsts):.1f} U sqrt(sum (ab)^2) (bound {BOUND})"
+        assert min(worsts) > 0.05, f"{product}: as exact as float32: were the operands rounded to bfloat16?"
         # against the product of the rounded operands: only float32 accumulation is left
         rounded = a32.astype(bf16_gemm.BFLOAT16).astype(np.float64) @ b32.astype(bf16_gemm.BFLOAT16).astype(np.float64)
         absolute = np.abs(a32.astype(np.float64)) @ np.abs(b32.astype(np.float64))
-        assert (np.abs(out - rounded) <= k * 2.0 ** -24 * absolute + 1e-30).all(), "not accumulated in float32"
+        for o in outs:
+            assert (np.abs(o - rounded) <= k * 2.0 ** -24 * absolute + 1e-30).all(), "not accumulated in float32"
+
+
+def test_b_is_reordered_for_many_rows_only_without_amx(monkeypatch):
+    for flags, expected in [({"avx512_bf16"}, ["plain", "blocked", "blocked"]), ({"avx512_bf16", "amx_bf16"}, ["plain"] * 3)]:
+        monkeypatch.setattr(bf16_gemm, "cpu_flags", lambda: flags)
+        bf16_gemm.default_layout.cache_clear()
+        rows = [bf16_gemm.BLOCKED_FROM_ROWS - 1, bf16_gemm.BLOCKED_FROM_ROWS, 6272]
+        assert [bf16_gemm.default_layout(r) for r in rows] == expected, flags
+    bf16_gemm.default_layout.cache_clear()  # this machine's flags again
 
 
 @needs_bf16
