@@ -232,7 +232,8 @@ def test_product_is_within_bfloat16s_bound_of_float64(product, given):
         else:
             a_in, b_in = a32, b32
         outs = [bf16_gemm.matmul(a_in, b_in, layout=layout) for layout in bf16_gemm.LAYOUTS]
-        assert np.array_equal(bf16_gemm.matmul(a_in, b_in), outs[bf16_gemm.LAYOUTS.index(bf16_gemm.default_layout(m))])
+        default = outs[bf16_gemm.LAYOUTS.index(bf16_gemm.default_layout(m))]
+        assert np.array_equal(bf16_gemm.matmul(a_in, b_in), default)
         assert all(o.dtype == np.float32 and o.shape == (m, n) and o.flags.c_contiguous for o in outs)
         exact = a32.astype(np.float64) @ b32.astype(np.float64)
         scale = np.sqrt((a32.astype(np.float64) ** 2) @ (b32.astype(np.float64) ** 2))  # sqrt(sum_k (a_k b_k)^2)
@@ -247,7 +248,8 @@ def test_product_is_within_bfloat16s_bound_of_float64(product, given):
 
 
 def test_b_is_reordered_for_many_rows_only_without_amx(monkeypatch):
-    for flags, expected in [({"avx512_bf16"}, ["plain", "blocked", "blocked"]), ({"avx512_bf16", "amx_bf16"}, ["plain"] * 3)]:
+    without_amx, with_amx = {"avx512_bf16"}, {"avx512_bf16", "amx_bf16"}
+    for flags, expected in [(without_amx, ["plain", "blocked", "blocked"]), (with_amx, ["plain"] * 3)]:
         monkeypatch.setattr(bf16_gemm, "cpu_flags", lambda: flags)
         bf16_gemm.default_layout.cache_clear()
         rows = [bf16_gemm.BLOCKED_FROM_ROWS - 1, bf16_gemm.BLOCKED_FROM_ROWS, 6272]

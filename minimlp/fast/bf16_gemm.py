@@ -25,15 +25,17 @@ so that only the weights, rounded while they are reordered, pay a pass, and it i
 Layouts. An operand may be a row-major 2-D array or the transposed view of one: `w.T` or `dy.T` is
 described to oneDNN by its strides and never copied. When A has many rows (BLOCKED_FROM_ROWS), B is first
 reordered into the blocked layout oneDNN picks for this CPU ("format_tag any"): one pass over B, won back
-because every block of rows of A reads it again, on a CPU without AMX; with AMX it is not (default_layout). Token mixing's B (196 x B*d) is larger than its A and is
-read in its own strides.
+because every block of rows of A reads it again, on a CPU without AMX; with AMX it is not (default_layout).
+Token mixing's B (196 x B*d) is larger than its A and is read in its own strides.
 
 Why oneDNN (benchmarks/bf16_gemm.py measures both, and MKL's packed-operand calls): on this project's AMD
 EPYC (Zen 4, avx512_bf16, no AMX), one core, oneDNN ran ResMLP-S12's products at 145-197 GFLOP/s, level with
 PyTorch's own bfloat16 matmul and twice NumPy's float32, where MKL's cblas_gemm_bf16bf16f32 ran 43-80
 (cblas_gemm_bf16bf16f32_pack + _compute slower still, 9-82: MKL takes a slow path on AMD); an S12 step's
-products cost 3.15 s of one core through oneDNN, 7.7 s through MKL. On an Intel Xeon with AMX oneDNN was
-level with MKL or ahead on ResMLP's large products. oneDNN 3.2's wheel `onednn-cpu-gomp` is built on GNU
+products cost 3.15 s of one core through oneDNN, 7.7 s through MKL. On the Intel Xeon with AMX the order turns:
+MKL 2026.2 (wheel `mkl`) ran an S12 step's products in 0.41 s (0.36 s with B packed once), oneDNN 3.2 in 0.50 s,
+PyTorch's newer bundled oneDNN in 0.40 s (README, Speed): oneDNN stays the one library that serves both CPUs,
+and MKL on Intel is the measured next step. oneDNN 3.2's wheel `onednn-cpu-gomp` is built on GNU
 OpenMP, the runtime of Numba's OpenMP threading layer, so the products and the fused loops share one pool
 of threads (and OMP_WAIT_POLICY, minimlp/fast/cpu_settings.py). The newer `onednn` wheel is a SYCL build
 with no CPU engine for host arrays: it is refused, saying so.
